@@ -1,0 +1,151 @@
+"""The ingest job: COCO annotations + image files -> silver, quarantine and gold Delta tables.
+
+Order of work, so that a failure leaves nothing half-done:
+1. parse and structurally validate the annotation file (a bad file stops here, nothing written);
+2. check image files and validate every record (Spark jobs, no table writes);
+3. merge categories, images, annotations and quarantine (each one Delta transaction, skipped
+   when nothing changed);
+4. rebuild the gold ``samples`` table when any silver table moved past the versions it was built
+   from;
+5. append one lineage row per table to ``ingest_runs``.
+A run killed anywhere leaves every table readable at its last committed version, and running it
+again completes the work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from lakevision import delta
+from lakevision.data.processor import QUARANTINE_KEYS, COCOProcessor
+from lakevision.runtime import Runtime
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+log = logging.getLogger(__name__)
+
+SILVER = ("categories", "images", "annotations")
+REPORTED = ("images", "annotations", "categories", "quarantine", "samples")
+LINEAGE_TABLE = "ingest_runs"
+_SPLIT_BUCKETS = 10_000
+
+
+@dataclass
+class IngestResult:
+    run_id: str
+    tables: dict[str, dict[str, Any]]
+    quarantine_by_reason: dict[str, int]
+    written: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tables": self.tables, "quarantine_by_reason": self.quarantine_by_reason}
+
+
+def split_column(image_id, splits):
+    """``train``/``val``/``test`` from a hash of the image id: stable across runs and engines
+    (CRC32 is the same in Spark, Sail and Python's ``zlib.crc32``)."""
+    from pyspark.sql import functions as F
+
+    bucket = F.crc32(F.concat(F.lit(f"{splits.seed}:"), image_id.cast("string")).cast("binary")) % _SPLIT_BUCKETS
+    train_cut = round(splits.train * _SPLIT_BUCKETS)
+    val_cut = round((splits.train + splits.val) * _SPLIT_BUCKETS)
+    return F.when(bucket < train_cut, "train").when(bucket < val_cut, "val").otherwise("test")
+
+
+def build_samples(rt: Runtime, versions: dict[str, int]) -> DataFrame:
+    """Gold: one row per valid image with its annotations (and category names) nested."""
+    from pyspark.sql import functions as F
+
+    spark = rt.spark
+    images = delta.read_table(spark, rt.table("images"), versions["images"])
+    anns = delta.read_table(spark, rt.table("annotations"), versions["annotations"])
+    cats = delta.read_table(spark, rt.table("categories"), versions["categories"])
+    nested = (
+        anns.join(cats.select(F.col("id").alias("category_id"), F.col("name").alias("category_name")), "category_id", "left")
+        .groupBy("image_id")
+        .agg(F.collect_list(F.struct(
+            F.col("id"), "category_id", "category_name", "bbox", "area", "iscrowd", "segmentation"
+        )).alias("annotations"))
+    )
+    img_cols = ["file_name", "path", "width", "height", "format", "mode", "exif_orientation", "sha256"]
+    joined = images.select(F.col("id").alias("image_id"), *img_cols).join(nested, "image_id", "left")
+    return joined.select(
+        "image_id", *img_cols,
+        split_column(F.col("image_id"), rt.config.data.data_processing.splits).alias("split"),
+        F.coalesce(F.size("annotations"), F.lit(0)).cast("int").alias("num_annotations"),
+        "annotations",
+    )
+
+
+def _last_gold_inputs(rt: Runtime) -> str | None:
+    ref = rt.table(LINEAGE_TABLE)
+    if not delta.table_exists(rt.spark, ref):
+        return None
+    rows = (
+        delta.read_table(rt.spark, ref)
+        .filter("table_name = 'samples'")
+        .orderBy("finished_at", ascending=False)
+        .select("inputs")
+        .limit(1)
+        .collect()
+    )
+    return rows[0]["inputs"] if rows else None
+
+
+def run_ingest(rt: Runtime, annotations: str, images: str, progress: bool = False) -> IngestResult:
+    t0 = time.monotonic()
+    spark = rt.spark
+    proc = COCOProcessor(spark, rt.config.data.data_processing, staging_dir=rt.staging_dir)
+    try:
+        proc.load_coco_annotations(annotations)
+        refs = {name: rt.table(name) for name in (*REPORTED, LINEAGE_TABLE)}
+        known = {n: delta.read_table(spark, refs[n]) if delta.table_exists(spark, refs[n]) else None
+                 for n in ("images", "categories")}
+        proc.set_known(known["images"], known["categories"])
+        proc.check_images(images, progress=progress)
+        found = proc.validate_data()
+
+        written = {
+            "categories": proc.save_to_delta(proc.valid_categories, refs["categories"].location),
+            "images": proc.save_to_delta(proc.valid_images, refs["images"].location),
+            "annotations": proc.save_to_delta(proc.valid_annotations, refs["annotations"].location),
+            "quarantine": proc.save_to_delta(proc.quarantine, refs["quarantine"].location, list(QUARANTINE_KEYS)),
+        }
+        versions = {n: delta.table_version(spark, refs[n]) for n in (*SILVER, "quarantine")}
+        inputs = ",".join(f"{n}@{versions[n]}" for n in SILVER)
+        if not delta.table_exists(spark, refs["samples"]) or _last_gold_inputs(rt) != inputs:
+            delta.overwrite(spark, build_samples(rt, versions), refs["samples"])
+            written["samples"] = 1
+        versions["samples"] = delta.table_version(spark, refs["samples"])
+
+        tables = {
+            n: {"location": refs[n].location, "version": versions[n],
+                "rows": delta.read_table(spark, refs[n], versions[n]).count()}
+            for n in REPORTED
+        }
+        finished = dt.datetime.now(dt.timezone.utc).isoformat()
+        lineage = pd.DataFrame([
+            {"run_id": proc.run_id, "finished_at": finished, "annotation_file": proc.source.source_file,
+             "annotation_sha256": proc.source.sha256, "image_dir": str(images), "table_name": n,
+             "location": t["location"], "version": t["version"], "rows": t["rows"],
+             "inputs": inputs if n == "samples" else ""}
+            for n, t in tables.items()
+        ])
+        delta.append(spark, spark.createDataFrame(lineage), refs[LINEAGE_TABLE])
+        return IngestResult(
+            run_id=proc.run_id,
+            tables=tables,
+            quarantine_by_reason={code: len(ids) for code, ids in sorted(found.items())},
+            written=written,
+            seconds=time.monotonic() - t0,
+        )
+    finally:
+        proc.cleanup()

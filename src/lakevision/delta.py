@@ -1,0 +1,112 @@
+"""Delta table operations written once for Sail, Databricks classic and Databricks serverless.
+
+Reads and writes go through ``format("delta")`` and SQL ``MERGE INTO``, which every engine we run
+on supports. The one thing Sail lacks is table history, so :func:`table_version` asks delta-rs
+for local tables and ``DESCRIBE HISTORY`` for Unity Catalog ones.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lakevision.runtime import TableRef
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+
+class SchemaDriftError(RuntimeError):
+    """A write left the table with other columns than the data had (see Sail's dropped-column bug)."""
+
+
+def table_exists(spark: SparkSession, ref: TableRef) -> bool:
+    if ref.path:
+        return (Path(ref.path) / "_delta_log").is_dir()
+    return spark.catalog.tableExists(ref.full_name)
+
+
+def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -> DataFrame:
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    if ref.path:
+        return reader.load(ref.path)
+    return reader.table(ref.full_name)
+
+
+def table_version(spark: SparkSession, ref: TableRef) -> int:
+    """The table's latest committed version."""
+    if ref.path:
+        from deltalake import DeltaTable
+
+        return int(DeltaTable(ref.path).version())
+    return int(spark.sql(f"DESCRIBE HISTORY {ref.sql} LIMIT 1").first()["version"])
+
+
+def _write(df: DataFrame, ref: TableRef, mode: str) -> None:
+    writer = df.write.format("delta").mode(mode)
+    if ref.path:
+        writer.save(ref.path)
+    else:
+        writer.saveAsTable(ref.full_name)
+
+
+def _check_columns(spark: SparkSession, ref: TableRef, expected: Sequence[str]) -> None:
+    got = read_table(spark, ref).columns
+    if sorted(got) != sorted(expected):
+        raise SchemaDriftError(f"{ref.location}: table has columns {got}, the written data had {list(expected)}")
+
+
+def overwrite(spark: SparkSession, df: DataFrame, ref: TableRef) -> None:
+    """Replace the table's content in one transaction (creating it if needed)."""
+    _write(df, ref, "overwrite")
+    _check_columns(spark, ref, df.columns)
+
+
+def append(spark: SparkSession, df: DataFrame, ref: TableRef) -> None:
+    _write(df, ref, "append")
+    _check_columns(spark, ref, df.columns)
+
+
+def upsert(
+    spark: SparkSession,
+    df: DataFrame,
+    ref: TableRef,
+    keys: Sequence[str],
+    compare: Sequence[str],
+    staging_dir: Path,
+) -> int:
+    """Merge ``df`` into ``ref`` on ``keys``: insert new keys, update rows whose ``compare``
+    columns changed, and commit nothing when no row differs, so a re-run adds no version.
+
+    Returns the number of rows inserted or updated.
+    """
+    if not table_exists(spark, ref):
+        n = df.count()
+        _write(df, ref, "overwrite")
+        _check_columns(spark, ref, df.columns)
+        return n
+    current = read_table(spark, ref).select(*keys, *compare)
+    changed = df.join(current, on=[*keys, *compare], how="left_anti")
+    # Stage the delta so MERGE does not read the target it is rewriting.
+    stage = staging_dir / f"merge-{ref.name}-{uuid.uuid4().hex[:8]}"
+    changed.write.mode("overwrite").parquet(str(stage))
+    src = spark.read.parquet(str(stage))
+    n = src.count()
+    if n == 0:
+        return 0
+    view = f"lv_src_{ref.name}_{uuid.uuid4().hex[:8]}"
+    src.createOrReplaceTempView(view)
+    on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+    try:
+        spark.sql(
+            f"MERGE INTO {ref.sql} AS t USING {view} AS s ON {on} "
+            "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+        )
+    finally:
+        spark.catalog.dropTempView(view)
+    _check_columns(spark, ref, df.columns)
+    return n
