@@ -58,7 +58,8 @@ def _column(path: Path, records: list, section: str, key: str, typ: pa.DataType,
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         arr = None
     want = {pa.int64(): int, pa.string(): str, pa.float64(): (int, float)}[typ]
-    if arr is None or (typ == pa.int64() and any(type(v) is bool for v in values)):
+    # pyarrow quietly accepts bools and floats (even 20.5) for int64: ids must be real integers.
+    if arr is None or (typ == pa.int64() and any(type(v) is not int for v in values if v is not None)):
         for i, v in enumerate(values):
             if v is not None and (type(v) is bool or not isinstance(v, want)):
                 raise _fail(path, f"{section}[{i}].{key}", f"expected {typ}, got {type(v).__name__} {v!r:.60}")

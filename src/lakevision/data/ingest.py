@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,8 @@ def _last_gold_inputs(rt: Runtime) -> str | None:
 
 def run_ingest(rt: Runtime, annotations: str, images: str, progress: bool = False) -> IngestResult:
     t0 = time.monotonic()
+    if "://" not in images and not Path(images).is_dir():
+        raise FileNotFoundError(f"{images}: image folder does not exist")
     spark = rt.spark
     proc = COCOProcessor(spark, rt.config.data.data_processing, staging_dir=rt.staging_dir)
     try:

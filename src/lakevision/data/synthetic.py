@@ -227,7 +227,7 @@ def _inject(b: _Builder, defects: Mapping[str, int], next_image_id: int, min_siz
             if code == "duplicate_id":
                 # The later of two records sharing an id is quarantined; the first one is kept.
                 ann = b.add_annotation(good_image["id"], 1, square)
-                ann["id"] = b.annotations[0]["id"]
+                ann["id"] = b.annotations[len(manifest.get(code, []))]["id"]
                 manifest.setdefault(code, []).append(f"annotation:{ann['id']}")
                 continue
             override = {

@@ -1,0 +1,133 @@
+"""The ``lakevision`` command: one CLI whose subcommands are the bundle's jobs.
+
+Each subcommand parses its arguments and calls the library; ``jobs/*.py`` call :func:`main` with
+their own name, so a Databricks job and a laptop run go through the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from lakevision.config import ConfigError, load_config
+
+# Sail logs every session at INFO, and a warning for each idle task it aborts at shutdown.
+os.environ.setdefault("RUST_LOG", "warn,sail_common::actor=error")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed without a traceback, exit code 2."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="local", help="deployment target from bundle/config/targets.yaml")
+    p.add_argument("--root", default=None, help="local data root (tables, MLflow, staging); default .lakevision")
+    p.add_argument("--config", default=None, help="config directory (default: $LAKEVISION_CONFIG_DIR or ./bundle/config)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+def _print_tables(result) -> None:
+    print(f"ingest run {result.run_id} finished in {result.seconds:.1f} s")
+    print(f"{'table':<12} {'version':>7} {'rows':>9}  location")
+    for name, t in result.tables.items():
+        print(f"{name:<12} {t['version']:>7} {t['rows']:>9}  {t['location']}")
+    if result.quarantine_by_reason:
+        print("quarantined records by reason:")
+        for code, n in result.quarantine_by_reason.items():
+            print(f"  {code:<20} {n}")
+    else:
+        print("no record was quarantined")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from lakevision.data.ingest import run_ingest
+    from lakevision.runtime import get_runtime
+
+    cfg = load_config(args.config, args.target)
+    rt = get_runtime(cfg, args.root)
+    try:
+        result = run_ingest(rt, args.annotations, args.images, progress=not args.json)
+    finally:
+        rt.stop()
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _print_tables(result)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
+
+    defects = {}
+    for item in args.defect or []:
+        code, _, n = item.partition("=")
+        if code not in DEFECT_CODES:
+            raise UserError(f"--defect {item}: unknown code {code!r}; known: {', '.join(DEFECT_CODES)}")
+        defects[code] = int(n or 1)
+    ds = generate_dataset(args.out, num_images=args.images, seed=args.seed, defects=defects)
+    summary = {"annotation_file": str(ds.annotation_file), "image_dir": str(ds.image_dir),
+               "images": ds.num_images, "annotations": ds.num_annotations, "defects": ds.defects}
+    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
+
+    root = args.root or ".lakevision"
+    data_dir = os.path.join(root, "sample")
+    print(f"[1/2] generating {args.images} sample images with one record of each defect in {data_dir}")
+    ds = generate_dataset(data_dir, num_images=args.images, seed=0, defects={c: 1 for c in DEFECT_CODES})
+    print(f"[2/2] ingesting {ds.annotation_file}")
+    ns = argparse.Namespace(annotations=str(ds.annotation_file), images=str(ds.image_dir), target="local",
+                            root=root, config=args.config, json=False)
+    return cmd_ingest(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lakevision", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="COCO annotations + images -> Delta tables")
+    p.add_argument("--annotations", required=True, help="COCO instances JSON file")
+    p.add_argument("--images", required=True, help="folder with the image files")
+    _common(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("generate", help="write the synthetic shapes dataset (COCO format)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--defect", action="append", metavar="CODE[=N]", help="inject N bad records with this reason")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="generate the sample dataset and run the pipeline end to end")
+    p.add_argument("--root", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--images", type=int, default=300)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lakevision.data.coco_json import CocoFormatError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UserError, ConfigError, CocoFormatError, FileNotFoundError) as exc:
+        print(f"lakevision {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures: one real Sail server for the session, a fresh table root per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RUST_LOG", "warn,sail_common::actor=error")
+
+from lakevision.config import load_config  # noqa: E402
+from lakevision.runtime import Runtime, SailServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "bundle" / "config"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    server = SailServer().start()
+    session = SparkSession.builder.remote(server.url).getOrCreate()
+    yield session
+    session.stop()
+    server.stop()
+
+
+@pytest.fixture
+def config():
+    return load_config(CONFIG_DIR, "local")
+
+
+@pytest.fixture
+def runtime(spark, config, tmp_path) -> Runtime:
+    """A local runtime on the shared Sail server with its own table root."""
+    return Runtime(config=config, spark=spark, kind="local", root=tmp_path / "root")
