@@ -63,7 +63,7 @@ def test_malformed_file_exits_2_with_the_field(dataset, tmp_path):
     proc = _run("-m", "lakevision.cli", "ingest", "--annotations", str(bad), "--images", str(dataset.image_dir),
                 "--root", str(tmp_path / "root"), check=False)
     assert proc.returncode == 2
-    assert f"{bad}: annotations[0].image_id: required field is missing or null" in proc.stderr
+    assert f"{bad}: annotations[0]: Object missing required field `image_id`" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "root" / "tables").exists()
 

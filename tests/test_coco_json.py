@@ -44,10 +44,10 @@ def test_good_file_parses(tmp_path):
     "raw, expected",
     [
         ("{not json", r"instances.json: not valid JSON"),
-        ("[1, 2]", r"instances.json: <top level>: expected a JSON object, got list"),
-        ('{"images": [], "annotations": []}', r"instances.json: categories: required top-level field is missing"),
-        ('{"images": {}, "annotations": [], "categories": []}', r"instances.json: images: expected a list, got dict"),
-        ('{"images": [3], "annotations": [], "categories": []}', r"instances.json: images\[0\]: expected an object, got int"),
+        ("[1, 2]", r"instances.json: <top level>: Expected `object`, got `array`"),
+        ('{"images": [], "annotations": []}', r"instances.json: <top level>: Object missing required field `categories`"),
+        ('{"images": {}, "annotations": [], "categories": []}', r"instances.json: images: Expected `array`, got `object`"),
+        ('{"images": [3], "annotations": [], "categories": []}', r"instances.json: images\[0\]: Expected `object`, got `int`"),
     ],
 )
 def test_malformed_structure(tmp_path, raw, expected):
@@ -58,23 +58,30 @@ def test_malformed_structure(tmp_path, raw, expected):
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        ({"images__0__id": "one"}, r"images\[0\].id: expected int64, got str 'one'"),
-        ({"images__0__id": True}, r"images\[0\].id: expected int64, got bool"),
-        ({"images__0__file_name": None}, r"images\[0\].file_name: required field is missing or null"),
-        ({"images__0__width": 20.5}, r"images\[0\].width: expected int64, got float"),
-        ({"annotations__0__image_id": [1]}, r"annotations\[0\].image_id: expected int64, got list"),
-        ({"annotations__0__category_id": None}, r"annotations\[0\].category_id: required field is missing"),
-        ({"annotations__0__iscrowd": 2}, r"annotations\[0\].iscrowd: expected 0 or 1, got 2"),
-        ({"annotations__0__area": "big"}, r"annotations\[0\].area: expected double, got str"),
-        ({"annotations__0__segmentation": "poly"}, r"annotations\[0\].segmentation: expected a list of polygons or an RLE"),
-        ({"annotations__0__segmentation": [["x", 1]]}, r"annotations\[0\].segmentation: polygons must be lists of numbers"),
-        ({"categories__0__name": 5}, r"categories\[0\].name: expected string, got int"),
+        ({"images__0__id": "one"}, r"images\[0\].id: Expected `int`, got `str`"),
+        ({"images__0__id": True}, r"images\[0\].id: Expected `int`, got `bool`"),
+        ({"images__0__file_name": None}, r"images\[0\].file_name: Expected `str`, got `null`"),
+        ({"images__0__width": 20.5}, r"images\[0\].width: Expected `int`, got `float`"),
+        ({"annotations__0__image_id": [1]}, r"annotations\[0\].image_id: Expected `int`, got `array`"),
+        ({"annotations__0__category_id": None}, r"annotations\[0\].category_id: Expected `int`, got `null`"),
+        ({"annotations__0__iscrowd": 2}, r"annotations\[0\].iscrowd: Invalid enum value 2"),
+        ({"annotations__0__area": "big"}, r"annotations\[0\].area: Expected `float \| null`, got `str`"),
+        ({"annotations__0__segmentation": "poly"}, r"annotations\[0\].segmentation: Expected `object \| array \| null`, got `str`"),
+        ({"annotations__0__segmentation": [["x", 1]]}, r"annotations\[0\].segmentation\[0\]\[0\]: Expected `float`, got `str`"),
+        ({"categories__0__name": 5}, r"categories\[0\].name: Expected `str`, got `int`"),
     ],
 )
 def test_wrong_types_name_the_field(tmp_path, changes, expected):
     path = _write(tmp_path, _mutate(**changes))
     with pytest.raises(CocoFormatError, match=str(path).replace(".", r"\.") + ": " + expected):
         read_coco(path)
+
+
+def test_missing_required_field_in_a_record(tmp_path):
+    doc = json.loads(json.dumps(GOOD))
+    del doc["images"][0]["height"]
+    with pytest.raises(CocoFormatError, match=r"instances.json: images\[0\]: Object missing required field `height`"):
+        read_coco(_write(tmp_path, doc))
 
 
 def test_missing_file_is_a_format_error(tmp_path):

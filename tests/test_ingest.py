@@ -137,7 +137,7 @@ def test_malformed_file_writes_nothing(runtime, dataset, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [{"id": "x", "file_name": "a.jpg", "width": 1, "height": 1}], '
                    '"annotations": [], "categories": []}')
-    with pytest.raises(CocoFormatError, match=r"bad.json: images\[0\].id: expected int64, got str"):
+    with pytest.raises(CocoFormatError, match=r"bad.json: images\[0\].id: Expected `int`, got `str`"):
         run_ingest(runtime, str(bad), str(dataset.image_dir))
     for name, t in before.tables.items():
         assert delta.table_version(runtime.spark, runtime.table(name)) == t["version"]

@@ -59,7 +59,8 @@ class DataProcessing(_Strict):
     num_workers: int = Field(4, ge=0)
     validation: ValidationRules = ValidationRules()
     splits: Splits = Splits()
-    image_check_batch_size: int = Field(2048, gt=0)
+    image_check_batch_size: int = Field(4096, gt=0)
+    image_check_partitions: int = Field(0, ge=0, description="Spark partitions per batch; 0 = 2 x driver cores")
 
 
 class DataConfig(_Strict):

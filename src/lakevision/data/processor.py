@@ -7,7 +7,6 @@ Sail locally and on a Databricks cluster.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import uuid
@@ -132,7 +131,7 @@ class COCOProcessor:
         table = table.append_column("ingest_run_id", pa.array([self.run_id] * n, pa.string()))
         path = self.staging_dir / f"{name}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path, compression="zstd" if n > 100_000 else "snappy")
+        pq.write_table(table, path, compression="none")  # read once, from local disk
         return self.spark.read.parquet(str(path))
 
     def load_coco_annotations(self, annotation_file: str) -> None:
@@ -155,7 +154,10 @@ class COCOProcessor:
 
     # ------------------------------------------------------------------ image files
     def _partitions(self, n: int) -> int:
-        return max(1, min(n, 2 * (os.cpu_count() or 2), math.ceil(n / 16)))
+        # Two partitions per core balanced best on 2 cores: more pay UDF start-up per partition,
+        # fewer leave a core idle at the tail of each batch (benchmarks/ingest.py).
+        wanted = self.config.image_check_partitions or 2 * (os.cpu_count() or 2)
+        return max(1, min(n, wanted))
 
     def check_images(self, image_dir: str, progress: bool = False) -> DataFrame:
         """Check every image file the annotations list (first occurrence of each id) on the Spark

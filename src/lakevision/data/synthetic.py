@@ -66,16 +66,17 @@ def _bbox(poly: np.ndarray) -> list[float]:
 
 def _area(poly: np.ndarray) -> float:
     x, y = poly[:, 0], poly[:, 1]
-    return round(float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))), 2)
+    cross = x[:-1] @ y[1:] - y[:-1] @ x[1:] + x[-1] * y[0] - y[-1] * x[0]  # shoelace
+    return round(float(0.5 * abs(cross)), 2)
 
 
-def _place(rng: np.random.Generator, w: int, h: int, k: int) -> list[tuple[float, float, float]]:
+def _place(rng: np.random.Generator, w: int, h: int, k: int, scale: tuple[float, float]) -> list[tuple[float, float, float]]:
     """Up to ``k`` non-overlapping circles (cx, cy, r) inside the image, so every mask is whole."""
     placed: list[tuple[float, float, float]] = []
     for _ in range(k * 20):
         if len(placed) == k:
             break
-        r = rng.uniform(0.08, 0.2) * min(w, h)
+        r = rng.uniform(*scale) * min(w, h)
         cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
         if all((cx - px) ** 2 + (cy - py) ** 2 > (r + pr + 2) ** 2 for px, py, pr in placed):
             placed.append((cx, cy, r))
@@ -125,8 +126,9 @@ def _render(display: Image.Image, style: str) -> tuple[bytes, str]:
 
 
 class _Builder:
-    def __init__(self, rng: np.random.Generator, image_dir: Path | None):
+    def __init__(self, rng: np.random.Generator, image_dir: Path | None, object_scale: tuple[float, float]):
         self.rng = rng
+        self.object_scale = object_scale
         self.image_dir = image_dir
         self.images: list[dict] = []
         self.annotations: list[dict] = []
@@ -149,14 +151,16 @@ class _Builder:
 
     def add_image(self, image_id: int, w: int, h: int, max_objects: int, crowd: bool, n_circle: int) -> None:
         rng = self.rng
-        spots = _place(rng, w, h, int(rng.integers(1, max_objects + 1)) + (1 if crowd else 0))
+        spots = _place(rng, w, h, int(rng.integers(1, max_objects + 1)) + (1 if crowd else 0), self.object_scale)
         objects = [(int(rng.integers(1, 4)), spot) for spot in spots]
         fname = f"{image_id:012d}"
         style = _pick_style(rng)
         display = None
         if self.image_dir is not None:
-            bg = tuple(int(v) for v in rng.integers(20, 90, 3))
-            display = Image.new("RGB", (w, h), bg)
+            # Sensor-like noise on a dark background: real-photo decode cost, and no trivial pixel shortcut.
+            bg = rng.integers(20, 90, 3)
+            pixels = np.clip(bg + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+            display = Image.fromarray(pixels, "RGB")
             draw = ImageDraw.Draw(display)
         for i, (cat, (cx, cy, r)) in enumerate(objects):
             color = tuple(int(v) for v in rng.integers(140, 256, 3))
@@ -252,6 +256,7 @@ def generate_dataset(
     crowd_fraction: float = 0.05,
     metadata_only: bool = False,
     circle_points: tuple[int, int] = (12, 32),
+    object_scale: tuple[float, float] = (0.08, 0.2),
     first_image_id: int = 1,
     min_image_size: int = 100,
     max_image_size: int = 2000,
@@ -260,7 +265,8 @@ def generate_dataset(
 
     The same arguments give byte-identical output. ``metadata_only`` writes the JSON alone (for
     benchmarks at COCO scale); ``first_image_id`` lets a second call make a disjoint batch to add
-    later. Size defects are made relative to ``min_image_size``/``max_image_size``.
+    later. Size defects are made relative to ``min_image_size``/``max_image_size``; object radii
+    are ``object_scale`` times the shorter image side.
     """
     if num_images < 1:
         raise ValueError("num_images must be at least 1")
@@ -270,7 +276,7 @@ def generate_dataset(
     ann_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    b = _Builder(rng, None if metadata_only else image_dir)
+    b = _Builder(rng, None if metadata_only else image_dir, object_scale)
     lo, hi = image_size
     for image_id in range(first_image_id, first_image_id + num_images):
         w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
