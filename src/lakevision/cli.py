@@ -7,6 +7,7 @@ their own name, so a Databricks job and a laptop run go through the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,31 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="local", help="deployment target from bundle/config/targets.yaml")
     p.add_argument("--root", default=None, help="local data root (tables, MLflow, staging); default .lakevision")
     p.add_argument("--config", default=None, help="config directory (default: $LAKEVISION_CONFIG_DIR or ./bundle/config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. training.optimization.max_epochs=3")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+@contextlib.contextmanager
+def _runtime(args: argparse.Namespace):
+    from lakevision.runtime import get_runtime
+
+    cfg = load_config(args.config, args.target, args.overrides)
+    rt = get_runtime(cfg, args.root)
+    try:
+        yield rt
+    finally:
+        rt.stop()
+
+
+@contextlib.contextmanager
+def _stdout_for_json(enabled: bool):
+    """With --json, anything else printed on stdout (Ray, Lightning) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _print_tables(result) -> None:
@@ -45,18 +70,30 @@ def _print_tables(result) -> None:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from lakevision.data.ingest import run_ingest
-    from lakevision.runtime import get_runtime
 
-    cfg = load_config(args.config, args.target)
-    rt = get_runtime(cfg, args.root)
-    try:
+    with _runtime(args) as rt:
         result = run_ingest(rt, args.annotations, args.images, progress=not args.json)
-    finally:
-        rt.stop()
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         _print_tables(result)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lakevision.training.train import run_training
+
+    with _stdout_for_json(args.json), _runtime(args) as rt:
+        result = run_training(rt, args.task, args.data_version, log_to_driver=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"MLflow run {result['run_id']}  model {result['model_uri']}")
+        print(f"data {result['data_table']} version {result['data_version']}")
+        best = result["best_metric"]
+        print(f"best {best['name']} = {best['value']}")
+        for k, v in sorted(result["metrics"].items()):
+            print(f"  {k:<28} {v:.4f}")
     return 0
 
 
@@ -85,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ds = generate_dataset(data_dir, num_images=args.images, seed=0, defects={c: 1 for c in DEFECT_CODES})
     print(f"[2/2] ingesting {ds.annotation_file}")
     ns = argparse.Namespace(annotations=str(ds.annotation_file), images=str(ds.image_dir), target="local",
-                            root=root, config=args.config, json=False)
+                            root=root, config=args.config, overrides=[], json=False)
     return cmd_ingest(ns)
 
 
@@ -99,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder with the image files")
     _common(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", help="train a torchvision model with Ray Train, logged to MLflow")
+    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None,
+                   help="default: training.task from training_config.yaml")
+    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="write the synthetic shapes dataset (COCO format)")
     p.add_argument("--out", required=True)

@@ -68,18 +68,63 @@ class DataConfig(_Strict):
 
 
 # ---------------------------------------------------------------- training_config.yaml
+Task = Literal["classification", "detection", "segmentation"]
+
+
+class Architectures(_Strict):
+    classification: Literal["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "convnext_tiny"] = "resnet18"
+    detection: Literal["fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn"] = (
+        "fasterrcnn_mobilenet_v3_large_320_fpn"
+    )
+    segmentation: Literal["maskrcnn_resnet50_fpn", "deeplabv3_mobilenet_v3_large"] = "maskrcnn_resnet50_fpn"
+
+
 class ModelSettings(_Strict):
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    architectures: Architectures = Architectures()
+    weights: Literal["DEFAULT", "none"] = Field("none", description="DEFAULT = pretrained torchvision weights")
+    # R-CNN sampling budget: torchvision's defaults (512 RoIs, 2000 proposals) suit COCO's crowded
+    # images; a few objects per image need far fewer, and a CPU step is then ~4x faster.
+    rois_per_image: int = Field(128, gt=0)
+    rpn_proposals: int = Field(300, gt=0)
+
+
+class TrainData(_Strict):
+    image_size: int = Field(320, ge=32, le=2048, description="longest side after resizing, pixels")
+    batch_size: int = Field(4, gt=0, description="per Ray worker")
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per Ray worker")
+    classification_label: Literal["largest", "first", "most_common"] = "largest"
+    augment: bool = True
+
+
+class Optimization(_Strict):
+    max_epochs: int = Field(10, gt=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine floor as a fraction of learning_rate")
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field("auto", description="auto: bf16 on GPU")
+    accumulate_grad_batches: int = Field(1, gt=0)
+    gradient_clip_val: float | None = Field(1.0, ge=0)
+    early_stopping_patience: int | None = Field(3, gt=0, description="epochs without improvement; null = off")
+    limit_train_batches: float | int = Field(1.0, gt=0)
+    limit_val_batches: float | int = Field(1.0, gt=0)
 
 
 class DistributedSettings(_Strict):
     num_workers: int = Field(4, gt=0)
     use_gpu: bool = True
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+    cluster: Literal["auto", "ray_on_spark", "local"] = Field(
+        "auto", description="auto: Ray-on-Spark when a classic SparkSession exists, else local Ray"
+    )
 
 
 class Training(_Strict):
+    task: Task = "detection"
     model: ModelSettings = ModelSettings()
+    data: TrainData = TrainData()
+    optimization: Optimization = Optimization()
     distributed: DistributedSettings = DistributedSettings()
 
 
@@ -167,22 +212,25 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_yaml_model(path: Path, model: type[_Strict]) -> Any:
-    """Parse ``path`` into ``model``; every failure names the file and the key path."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+def load_yaml_model(path: Path | None, model: type[_Strict], overrides: list[str] = ()) -> Any:
+    """Parse ``path`` (None: defaults) into ``model``; every failure names the file and key path."""
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: <top level>: expected a mapping, got {type(raw).__name__}")
+    raw = _apply_overrides(raw, list(overrides), path)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(path, exc)) from None
+        raise ConfigError(_format_errors(path or Path("<defaults>"), exc)) from None
 
 
 def default_config_dir() -> Path | None:
@@ -194,17 +242,44 @@ def default_config_dir() -> Path | None:
     return here if here.is_dir() else None
 
 
-def load_config(config_dir: str | os.PathLike | None = None, target: str = "local") -> LakevisionConfig:
+def _apply_overrides(raw: dict, overrides: list[str], path: Path | None) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path or '<defaults>'}: override {key}: {part} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(
+    config_dir: str | os.PathLike | None = None,
+    target: str = "local",
+    overrides: list[str] | None = None,
+) -> LakevisionConfig:
     """Load ``data_config.yaml``, ``training_config.yaml``, ``deployment_config.yaml`` and
     ``targets.yaml`` from ``config_dir``. A file that is absent keeps the documented defaults;
-    a directory that is named but absent is an error."""
+    a directory that is named but absent is an error.
+
+    ``overrides`` are ``section.key.path=value`` strings (value in YAML), e.g.
+    ``training.optimization.max_epochs=3``; the section names the file they apply to."""
     cdir = Path(config_dir) if config_dir is not None else default_config_dir()
     if cdir is not None and not cdir.is_dir():
         raise ConfigError(f"{cdir}: config directory does not exist")
+    sections = {"data": "data_processing", "training": "training", "deployment": "deployment"}
+    unknown = [o for o in overrides or [] if o.split(".", 1)[0] not in sections.values()]
+    if unknown:
+        raise ConfigError(f"override {unknown[0]!r}: must start with one of {sorted(sections.values())}")
     loaded: dict[str, Any] = {}
     for key, model in _FILES.items():
         path = cdir / f"{key}_config.yaml" if cdir else None
-        loaded[key] = load_yaml_model(path, model) if path and path.exists() else model()
+        mine = [o for o in overrides or [] if o.split(".", 1)[0] == sections[key]]
+        loaded[key] = load_yaml_model(path if path and path.exists() else None, model, mine)
     tpath = cdir / "targets.yaml" if cdir else None
     targets = load_yaml_model(tpath, TargetsFile) if tpath and tpath.exists() else _DEFAULT_TARGETS
     if target not in targets.targets:

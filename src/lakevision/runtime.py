@@ -142,13 +142,26 @@ class Runtime:
             return TableRef(name, path=str((self.root / "tables" / t.schema_ / name).resolve()))
         return TableRef(name, full_name=f"{t.catalog}.{t.schema_}.{name}")
 
+    def storage(self, folder: str) -> Path:
+        """A folder every node can reach: under the root locally, on the UC Volume on Databricks."""
+        if self.kind == "local":
+            return (self.root / folder).resolve()
+        t = self.config.target
+        return Path(f"/Volumes/{t.catalog}/{t.schema_}/{t.volume}/{folder}")
+
     @property
     def staging_dir(self) -> Path:
-        """A folder the driver writes and the Spark workers read (a UC Volume on Databricks)."""
-        if self.kind == "local":
-            return (self.root / "staging").resolve()
-        t = self.config.target
-        return Path(f"/Volumes/{t.catalog}/{t.schema_}/{t.volume}/_staging")
+        """Where the driver stages files for the Spark workers."""
+        return self.storage("staging")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Shared storage for Ray Train checkpoints."""
+        return self.storage("checkpoints")
+
+    @property
+    def experiment_name(self) -> str:
+        return self.config.target.experiment or "lakevision"
 
     # ------------------------------------------------------------------ MLflow
     @property

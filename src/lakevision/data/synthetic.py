@@ -19,23 +19,14 @@ import numpy as np
 import orjson
 from PIL import Image, ImageDraw
 
+from lakevision.data.processor import REASON_CODES
+
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "round"},
     {"id": 2, "name": "square", "supercategory": "polygon"},
     {"id": 3, "name": "triangle", "supercategory": "polygon"},
 ]
-DEFECT_CODES = (
-    "missing_file",
-    "undecodable",
-    "too_small",
-    "too_large",
-    "size_mismatch",
-    "unknown_image",
-    "unknown_category",
-    "bbox_out_of_bounds",
-    "invalid_bbox",
-    "duplicate_id",
-)
+DEFECT_CODES = REASON_CODES  # one synthetic defect per quarantine reason
 IMAGE_DEFECTS = {"missing_file", "undecodable", "too_small", "too_large", "size_mismatch"}
 _EXIF_ORIENTATION = 0x0112
 

@@ -1,0 +1,193 @@
+"""ExperimentTracker: one MLflow run per training run, on Databricks or on a local sqlite store.
+
+Only the driver (or Ray rank 0, through :func:`epoch_logger_callback`) writes to MLflow, and a
+run is addressed by id, so a worker group restarted after a failure keeps logging into the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PARAM_MAX = 6000  # MLflow's limit on one parameter value
+
+
+def on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
+def local_tracking_uri(root: str | os.PathLike | None = None) -> str:
+    root = Path(root or os.environ.get("LAKEVISION_ROOT", ".lakevision"))
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(uri: str | None, root: str | os.PathLike | None = None) -> str:
+    """``databricks`` off Databricks (and with no workspace configured) means the local store."""
+    if uri in (None, "", "databricks"):
+        has_workspace = on_databricks() or os.environ.get("DATABRICKS_HOST")
+        return "databricks" if has_workspace else local_tracking_uri(root)
+    if uri.startswith("file:") or "://" not in uri:
+        raise ValueError(
+            f"tracking_uri {uri!r}: MLflow's plain file store is in maintenance mode; "
+            "use sqlite:///path/mlflow.db (or databricks)"
+        )
+    return uri
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; values cut to MLflow's parameter limit."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:_PARAM_MAX]
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_tags() -> dict[str, str]:
+    import torch
+
+    tags = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "cuda_available": str(torch.cuda.is_available())}
+    for mod in ("pytorch_lightning", "ray", "torchvision", "mlflow"):
+        try:
+            tags[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        tags["gpu"] = torch.cuda.get_device_name(0)
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def pinned_requirements(*packages: str) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in packages:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+class ExperimentTracker:
+    """MLflow experiment and run handling for lakevision jobs; also a context manager."""
+
+    def __init__(
+        self,
+        experiment_name: str,
+        tracking_uri: str = "databricks",
+        run_name: str | None = None,
+        registry_uri: str | None = None,
+        artifact_location: str | None = None,
+        run_id: str | None = None,
+    ):
+        import mlflow
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.registry_uri = registry_uri or ("databricks-uc" if self.tracking_uri == "databricks" else self.tracking_uri)
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.run_id = run_id
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri)
+        exp = mlflow.get_experiment_by_name(experiment_name)
+        if exp is None:
+            if artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
+                db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+                artifact_location = (db.parent / "mlruns").resolve().as_uri()
+            self.experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # ------------------------------------------------------------------ run lifecycle
+    def start_run(self) -> None:
+        """Start (or, with ``run_id``, resume) the run and make it the active one."""
+        run = self._mlflow.start_run(run_id=self.run_id, experiment_id=None if self.run_id else self.experiment_id,
+                                     run_name=None if self.run_id else self.run_name)
+        self.run_id = run.info.run_id
+        self._mlflow.set_tags(environment_tags())
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        if self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)
+
+    def __enter__(self) -> ExperimentTracker:
+        self.start_run()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end_run("FAILED" if exc_type else "FINISHED")
+
+    # ------------------------------------------------------------------ logging
+    def log_parameters(self, params: dict[str, Any]) -> None:
+        items = flatten(params)
+        keys = list(items)
+        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+            self._mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_model(self, model, model_name: str, input_example=None, **kwargs):
+        """Log a torch model with a signature inferred from ``input_example``; returns the ModelInfo."""
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        signature = None
+        if input_example is not None:
+            example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else input_example
+            model.eval()
+            with torch.no_grad():
+                output = model(example)
+            out = output.detach().cpu().numpy() if isinstance(output, torch.Tensor) else None
+            signature = infer_signature(np.asarray(example), out)
+            # MLflow validates an example by predicting with it, which needs a single-tensor output
+            input_example = np.asarray(example) if out is not None else None
+        # pickle, as on Databricks: torch.export (MLflow's local default) cannot trace detection models
+        kwargs.setdefault("serialization_format", "pickle")
+        # pinned from this environment; MLflow's own inference reloads the model in a subprocess (~20 s)
+        kwargs.setdefault("pip_requirements", pinned_requirements("torch", "torchvision", "numpy", "pillow"))
+        return self._mlflow.pytorch.log_model(model, name=model_name, signature=signature,
+                                              input_example=input_example, **kwargs)
+
+    def log_dataset(self, table: str, version: int, split: str, rows: list[dict] | None = None) -> None:
+        """Record which Delta table version a run read (lineage in the MLflow UI)."""
+        import pandas as pd
+        from mlflow.data.delta_dataset_source import DeltaDatasetSource
+
+        is_path = "/" in table
+        source = DeltaDatasetSource(path=table if is_path else None, delta_table_name=None if is_path else table,
+                                    delta_table_version=version)
+        frame = pd.DataFrame(rows or [])
+        dataset = self._mlflow.data.from_pandas(frame, source=source, name=f"{Path(table).name}@v{version}:{split}")
+        self._mlflow.log_input(dataset, context=split)
+        self._mlflow.set_tags({"data.table": table, "data.version": str(version)})
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._mlflow.log_dict(data, artifact_file)

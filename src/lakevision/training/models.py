@@ -1,0 +1,121 @@
+"""torchvision model factories, one per task, with heads sized for the dataset's classes.
+
+``weights="DEFAULT"`` starts from torchvision's pretrained weights (downloaded on first use; fine
+on Databricks) and replaces the class-specific heads; ``"none"`` trains from scratch. A download
+that cannot happen fails within seconds with a message saying what to set instead.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+from torch import nn
+
+_DOWNLOAD_TIMEOUT_S = 10
+
+
+class WeightsUnavailableError(RuntimeError):
+    pass
+
+
+def _fetch(builder: Callable[..., nn.Module], name: str, **kwargs) -> nn.Module:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        return builder(weights="DEFAULT", **kwargs)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a truncated download a RuntimeError
+        raise WeightsUnavailableError(
+            f"cannot fetch pretrained weights for {name}: {exc}. "
+            "Set training.model.weights: none to train from scratch."
+        ) from exc
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def classification_model(name: str, num_classes: int, weights: str = "none") -> nn.Module:
+    from torchvision import models
+
+    builder = getattr(models, name)
+    if weights == "none":
+        return builder(weights=None, num_classes=num_classes)
+    model = _fetch(builder, name)
+    if name.startswith("resnet"):
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    elif name.startswith("mobilenet_v3"):
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+    elif name.startswith("convnext"):
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+    return model
+
+
+def _rcnn_budget(rois_per_image: int, rpn_proposals: int) -> dict:
+    return {"box_batch_size_per_image": rois_per_image, "rpn_post_nms_top_n_train": rpn_proposals,
+            "rpn_pre_nms_top_n_train": 2 * rpn_proposals}
+
+
+def detection_model(name: str, num_classes: int, weights: str = "none", image_size: int = 320,
+                    rois_per_image: int = 512, rpn_proposals: int = 2000) -> nn.Module:
+    """``num_classes`` counts the background. The model resizes inputs to ``image_size``."""
+    from torchvision.models import detection as det
+
+    builder = getattr(det, name)
+    size = {"min_size": image_size, "max_size": image_size}
+    if name.startswith("fasterrcnn"):
+        size.update(_rcnn_budget(rois_per_image, rpn_proposals))
+    if weights == "none":
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **size)
+    model = _fetch(builder, name, **size)
+    if name.startswith("fasterrcnn"):
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+        in_features = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+    elif name.startswith("retinanet"):
+        from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+
+        head = model.head.classification_head
+        model.head.classification_head = RetinaNetClassificationHead(
+            head.cls_logits.in_channels, head.num_anchors, num_classes
+        )
+    return model
+
+
+def segmentation_model(name: str, num_classes: int, weights: str = "none", image_size: int = 320,
+                       rois_per_image: int = 512, rpn_proposals: int = 2000) -> nn.Module:
+    """Mask R-CNN (instances) or DeepLabV3 (semantic); ``num_classes`` counts the background."""
+    if name.startswith("maskrcnn"):
+        from torchvision.models.detection import maskrcnn_resnet50_fpn
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+        from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+        size = {"min_size": image_size, "max_size": image_size, **_rcnn_budget(rois_per_image, rpn_proposals)}
+        if weights == "none":
+            return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **size)
+        model = _fetch(maskrcnn_resnet50_fpn, name, **size)
+        model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, num_classes)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(model.roi_heads.mask_predictor.conv5_mask.in_channels, 256, num_classes)
+        return model
+    from torchvision.models import segmentation as seg
+
+    builder = getattr(seg, name)
+    if weights == "none":
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    model = _fetch(builder, name, aux_loss=False)
+    model.classifier[-1] = nn.Conv2d(model.classifier[-1].in_channels, num_classes, 1)
+    return model
+
+
+def is_semantic(name: str) -> bool:
+    return name.startswith("deeplab")
+
+
+def build_model(task: str, name: str, num_classes: int, weights: str = "none", image_size: int = 320,
+                rois_per_image: int = 512, rpn_proposals: int = 2000) -> nn.Module:
+    if task == "classification":
+        return classification_model(name, num_classes, weights)
+    if task == "detection":
+        return detection_model(name, num_classes, weights, image_size, rois_per_image, rpn_proposals)
+    if task == "segmentation":
+        return segmentation_model(name, num_classes, weights, image_size, rois_per_image, rpn_proposals)
+    raise ValueError(f"unknown task {task!r}")

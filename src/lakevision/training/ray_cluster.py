@@ -1,0 +1,121 @@
+"""Where Ray runs: Ray-on-Spark over a classic Spark cluster, or plain local Ray.
+
+Kept apart from the trainer so the distributed plumbing, and its workarounds, live in one place:
+Ray-on-Spark needs the dashboard off and ``RAY_AUTH_MODE`` set, and can leave its agents behind
+after shutdown (see ../shared/reference/platform-facts.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from lakevision.config import DistributedSettings
+
+log = logging.getLogger(__name__)
+
+_AGENT_MARKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
+LOCAL_CLUSTER_MASTER = "local-cluster[2,1,2048]"
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup hook: without the dashboard Ray Train's placement-group cleaner warns
+    every few seconds that the state API is unavailable, burying the training progress."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+_RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
+
+
+def processes_matching(*markers: str) -> set[int]:
+    """PIDs whose command line contains any marker (Linux /proc; empty elsewhere)."""
+    pids = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(m in cmd for m in markers):
+            pids.add(int(entry.name))
+    return pids
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def classic_spark_session():
+    """The active classic (JVM) SparkSession, or None (no session, or a Spark Connect one)."""
+    try:
+        from pyspark.sql import SparkSession
+        from pyspark.sql.utils import is_remote
+    except ImportError:
+        return None
+    session = SparkSession.getActiveSession()
+    if session is None or is_remote() or type(session).__module__.startswith("pyspark.sql.connect"):
+        return None
+    return session
+
+
+def start_local_spark_cluster():
+    """A classic ``local-cluster`` session: separate executor JVMs, as on a real cluster."""
+    from pyspark.sql import SparkSession
+
+    return (SparkSession.builder.master(LOCAL_CLUSTER_MASTER)
+            .appName("lakevision-ray-on-spark")
+            .config("spark.task.cpus", "1")
+            .config("spark.ui.enabled", "false")
+            .getOrCreate())
+
+
+@contextlib.contextmanager
+def ray_cluster(settings: DistributedSettings, log_to_driver: bool = True) -> Iterator[Literal["ray_on_spark", "local"]]:
+    """Connect Ray for the duration of the block, and shut down whatever this started."""
+    import ray
+
+    # Without an explicit mode an earlier plain ray.init() leaves a token file that makes
+    # Ray-on-Spark fail with InvalidAuthToken.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():  # a caller's cluster: use it, leave it running
+        yield "local"
+        return
+    spark = classic_spark_session()
+    mode = settings.cluster
+    if mode == "ray_on_spark" or (mode == "auto" and spark is not None):
+        started_spark = None
+        if spark is None:
+            spark = started_spark = start_local_spark_cluster()
+        from ray.util.spark import setup_ray_cluster, shutdown_ray_cluster
+
+        kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
+                        "head_node_options": {"include_dashboard": False}}
+        master = spark.sparkContext.master
+        if not master.startswith("local["):  # local[N] has no stage scheduling for per-node resources
+            kwargs.update(num_cpus_worker_node=int(spark.conf.get("spark.task.cpus", "1")),
+                          num_gpus_worker_node=1 if settings.use_gpu else 0)
+        agents_before = processes_matching(*_AGENT_MARKERS)
+        address, _ = setup_ray_cluster(**kwargs)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+        try:
+            yield "ray_on_spark"
+        finally:
+            ray.shutdown()
+            shutdown_ray_cluster()
+            _kill(processes_matching(*_AGENT_MARKERS) - agents_before)
+            if started_spark is not None:
+                started_spark.stop()
+        return
+    # A laptop is not a spot instance: skip the preemption watcher actor (one less process to start).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(include_dashboard=False, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+    try:
+        yield "local"
+    finally:
+        ray.shutdown()

@@ -1,0 +1,231 @@
+"""RayTrainer: distributed data-parallel Lightning training with Ray Train.
+
+The driver owns the MLflow run; each Ray worker builds its datasets from plain records (no Spark
+in workers), trains with ``RayDDPStrategy`` and reports a checkpoint every epoch. When a worker
+dies, Ray Train replaces the group (``FailureConfig.max_failures``) and the loop resumes from the
+last reported checkpoint, logging into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lakevision.config import Training
+from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, collate_fn
+from lakevision.training.ray_cluster import ray_cluster
+
+log = logging.getLogger(__name__)
+
+# What "best" means per task (metric, mode); val_loss when the metric is missing.
+BEST_METRIC = {"classification": ("val_acc", "max"), "detection": ("val_map_50", "max"),
+               "segmentation": ("val_map_50", "max"), "semantic": ("val_miou", "max")}
+
+
+class _EpochLogger(pl.Callback):
+    """Rank 0 only: per-epoch metrics into the driver's MLflow run, and one progress line."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._t0 = time.monotonic()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0 or trainer.sanity_checking:
+            return
+        # Lightning also keeps "<name>_step"/"<name>_epoch" copies of on_step+on_epoch metrics
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if v.numel() == 1 and not k.endswith(("_step", "_epoch"))}
+        metrics["epoch_seconds"] = time.monotonic() - self._t0
+        epoch = trainer.current_epoch
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        print(f"epoch {epoch + 1}/{trainer.max_epochs} {shown}", file=sys.stderr, flush=True)
+        if self.run_id:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            MlflowClient(self.tracking_uri).log_batch(
+                self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
+
+
+def _loaders(cfg: dict):
+    from torch.utils.data import DataLoader
+
+    task, data, semantic = cfg["task"], cfg["data"], cfg["semantic"]
+    train: SplitRecords = cfg["train"]
+    val: SplitRecords = cfg["val"]
+
+    def make(records: SplitRecords, is_train: bool):
+        ds = COCODataset(records.image_paths, records.annotations,
+                         transform=build_transform(task, data["image_size"], is_train, data["augment"], semantic),
+                         task=task, category_ids=train.category_ids, label_rule=data["classification_label"],
+                         semantic=semantic)
+        workers = data["loader_workers"]
+        return DataLoader(ds, batch_size=data["batch_size"], shuffle=is_train, num_workers=workers,
+                          persistent_workers=workers > 0, drop_last=False,
+                          collate_fn=None if task == "classification" or semantic else collate_fn)
+
+    return make(train, True), make(val, False)
+
+
+def train_loop_per_worker(cfg: dict) -> dict:
+    """Runs in every Ray Train worker."""
+    import os
+
+    import ray.train
+    import torch
+    from pytorch_lightning.callbacks import EarlyStopping
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
+    opt = cfg["optimization"]
+    module = copy.deepcopy(cfg["module"])
+    train_loader, val_loader = _loaders(cfg)
+    precision = opt["precision"]
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    callbacks: list[pl.Callback] = [RayTrainReportCallback(), _EpochLogger(cfg["tracking_uri"], cfg["run_id"])]
+    if opt["early_stopping_patience"]:
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=opt["early_stopping_patience"]))
+    trainer = pl.Trainer(
+        max_epochs=opt["max_epochs"],
+        accelerator="auto",
+        devices="auto",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        callbacks=callbacks,
+        precision=precision,
+        accumulate_grad_batches=opt["accumulate_grad_batches"],
+        gradient_clip_val=opt["gradient_clip_val"],
+        limit_train_batches=opt["limit_train_batches"],
+        limit_val_batches=opt["limit_val_batches"],
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    trainer = prepare_trainer(trainer)
+    ckpt_path = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        ckpt_dir = checkpoint.to_directory()
+        ckpt_path = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME)
+        print(f"resuming from {ckpt_path}", file=sys.stderr, flush=True)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    return {"epochs": trainer.current_epoch, "resumed": ckpt_path is not None}
+
+
+class RayTrainer:
+    """Train a :class:`BaseModel` on Ray workers (Ray-on-Spark on a Spark cluster, else local Ray)."""
+
+    def __init__(
+        self,
+        model: pl.LightningModule,
+        num_workers: int = 4,
+        use_gpu: bool = True,
+        resources_per_worker: dict[str, float] | None = None,
+        settings: Training | None = None,
+    ):
+        self.model = model
+        self.settings = settings or Training()
+        self.num_workers = num_workers
+        self.use_gpu = use_gpu
+        self.resources_per_worker = resources_per_worker or dict(self.settings.distributed.resources_per_worker) or None
+
+    def train(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Run training. ``config`` keys: ``train`` and ``val`` (:class:`SplitRecords`), and
+        optionally ``storage_path`` (checkpoints; shared storage on a cluster), ``name``,
+        ``tracking_uri`` + ``run_id`` (the driver's MLflow run), ``log_to_driver``.
+
+        Returns the final metrics, per-epoch history, the best metric, the checkpoint path, the MLflow
+        run id and the data version used.
+        """
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        s = self.settings
+        semantic = bool(getattr(self.model, "semantic", False))
+        task = getattr(self.model, "task", s.task)
+        metric, mode = BEST_METRIC["semantic" if semantic else task]
+        storage = Path(config.get("storage_path") or tempfile.mkdtemp(prefix="lakevision-ckpt-")).resolve()
+        loop_cfg = {
+            "module": self.model, "task": task, "semantic": semantic,
+            "train": config["train"], "val": config["val"],
+            "data": s.data.model_dump(), "optimization": s.optimization.model_dump(),
+            "tracking_uri": config.get("tracking_uri"), "run_id": config.get("run_id"),
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_cfg,
+            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                                         resources_per_worker=self.resources_per_worker),
+            run_config=RunConfig(
+                name=config.get("name") or f"lakevision-{task}-{int(time.time())}",
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=s.distributed.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
+                                                   checkpoint_score_order="min"),
+            ),
+        )
+        with ray_cluster(s.distributed, log_to_driver=config.get("log_to_driver", True)) as where:
+            result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        history = self._history(result, config.get("tracking_uri"), config.get("run_id"))
+        values = history.get(metric) or history.get("val_loss") or []
+        best_name = metric if history.get(metric) else "val_loss"
+        best_mode = mode if history.get(metric) else "min"
+        best = (max if best_mode == "max" else min)(values) if values else None
+        return {
+            "metrics": {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+            "metrics_history": history,
+            "best_metric": {"name": best_name, "value": best, "mode": best_mode},
+            "checkpoint_path": self.best_checkpoint(result, metric, mode),
+            "mlflow_run_id": config.get("run_id"),
+            "data_version": config["train"].version,
+            "data_table": config["train"].table,
+            "cluster": where,
+        }
+
+    @staticmethod
+    def _history(result, tracking_uri: str | None, run_id: str | None) -> dict[str, list[float]]:
+        """Per-epoch values: from the MLflow run when there is one (every epoch), else from the
+        checkpoints Ray kept."""
+        if run_id:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+            keys = client.get_run(run_id).data.metrics
+            return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: (m.step, m.timestamp))]
+                    for k in keys}
+        rows = {int(m.get("epoch", -1)): m for _, m in result.best_checkpoints or []}
+        if result.metrics:
+            rows[int(result.metrics.get("epoch", -1))] = result.metrics
+        history: dict[str, list[float]] = {}
+        for epoch in sorted(rows):
+            for k, v in rows[epoch].items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    history.setdefault(k, []).append(float(v))
+        return history
+
+    @staticmethod
+    def best_checkpoint(result, metric: str, mode: str) -> str | None:
+        """The kept checkpoint with the best ``metric`` (val_loss when it was not reported)."""
+        kept = [(c, m) for c, m in result.best_checkpoints or [] if c is not None]
+        if not kept:
+            return str(Path(result.checkpoint.path) / "checkpoint.ckpt") if result.checkpoint else None
+        key = metric if all(metric in m for _, m in kept) else "val_loss"
+        sign = -1 if (mode == "max" and key == metric) else 1
+        ckpt, _ = min(kept, key=lambda cm: sign * float(cm[1][key]))
+        return str(Path(ckpt.path) / "checkpoint.ckpt")

@@ -1,0 +1,84 @@
+"""The train job: gold samples at a Delta version -> Ray Train -> one MLflow run with the model.
+
+``main``-style entry: :func:`run_training` takes a :class:`Runtime`, does one read of each split,
+builds the torchvision model for the task, trains it with :class:`RayTrainer` and logs parameters,
+lineage, per-epoch metrics and the best checkpoint's model to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from lakevision.runtime import Runtime
+from lakevision.tracking import ExperimentTracker
+from lakevision.training.dataset import load_split
+from lakevision.training.models import build_model, is_semantic
+from lakevision.training.module import BaseModel
+from lakevision.training.ray_trainer import BEST_METRIC, RayTrainer
+
+log = logging.getLogger(__name__)
+
+
+def run_training(rt: Runtime, task: str | None = None, data_version: int | None = None,
+                 log_to_driver: bool = True) -> dict[str, Any]:
+    settings = rt.config.training.training
+    task = task or settings.task
+    settings = settings.model_copy(update={"task": task})
+    train = load_split(rt, "train", data_version)
+    val = load_split(rt, "val", train.version)
+    if not train.image_paths or not val.image_paths:
+        raise ValueError(f"{train.table}@v{train.version}: the train and val splits need images "
+                         f"(have {len(train.image_paths)} and {len(val.image_paths)})")
+    arch = getattr(settings.model.architectures, task)
+    semantic = is_semantic(arch)
+    num_classes = len(train.category_ids) + (0 if task == "classification" else 1)
+    m = settings.model
+    model = build_model(task, arch, num_classes, m.weights, settings.data.image_size, m.rois_per_image, m.rpn_proposals)
+    module = BaseModel(model, settings.model.learning_rate, settings.model.weight_decay, task,
+                       num_classes=num_classes, semantic=semantic,
+                       warmup_epochs=settings.optimization.warmup_epochs,
+                       min_lr_ratio=settings.optimization.min_lr_ratio)
+    dist = settings.distributed
+    use_gpu = dist.use_gpu and torch.cuda.is_available() if rt.kind == "local" else dist.use_gpu
+    tracker = ExperimentTracker(rt.experiment_name, tracking_uri=rt.tracking_uri, run_name=f"{task}-{arch}",
+                                registry_uri=rt.registry_uri)
+    with tracker:
+        tracker.log_parameters({"task": task, "architecture": arch, "num_classes": num_classes,
+                                "categories": dict(zip(train.category_ids, train.category_names)),
+                                "training": settings.model_dump(mode="json"),
+                                "data_processing": rt.config.data.data_processing.model_dump(mode="json"),
+                                "use_gpu_effective": use_gpu})
+        for name, split in (("train", train), ("val", val)):
+            tracker.log_dataset(split.table, split.version, name, [{"image_id": a["image_id"]} for a in split.annotations])
+        trainer = RayTrainer(module, num_workers=dist.num_workers, use_gpu=use_gpu,
+                             resources_per_worker=dict(dist.resources_per_worker) or None, settings=settings)
+        result = trainer.train({"train": train, "val": val, "storage_path": str(rt.checkpoint_dir),
+                                "name": f"{task}-{tracker.run_id}", "tracking_uri": tracker.tracking_uri,
+                                "run_id": tracker.run_id, "log_to_driver": log_to_driver})
+        state = torch.load(result["checkpoint_path"], map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+        size = settings.data.image_size
+        example = torch.rand(1, 3, size, size)
+        info = tracker.log_model(module.model.eval(), "model", input_example=example)
+        best = result["best_metric"]
+        if best["value"] is not None:
+            tracker.log_metrics({f"best_{best['name']}": best["value"]})
+        tracker.log_dict({**result, "model_uri": info.model_uri}, "training_result.json")
+    metric, _ = BEST_METRIC["semantic" if semantic else task]
+    final = {k: v[-1] for k, v in result["metrics_history"].items() if v}
+    return {
+        "run_id": tracker.run_id,
+        "model_uri": info.model_uri,
+        "task": task,
+        "architecture": arch,
+        "metrics": final,
+        "best_metric": best,
+        "primary_metric": metric,
+        "data_version": train.version,
+        "data_table": train.table,
+        "checkpoint_path": result["checkpoint_path"],
+        "cluster": result["cluster"],
+    }
