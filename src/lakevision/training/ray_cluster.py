@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -64,10 +65,24 @@ def classic_spark_session():
     return session
 
 
+@contextlib.contextmanager
+def _classic_spark_mode() -> Iterator[None]:
+    """A local job also holds a Spark Connect session (Sail), and pyspark then routes every
+    builder to Connect through one environment variable; classic Spark needs it off meanwhile."""
+    saved = os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["SPARK_CONNECT_MODE_ENABLED"] = saved
+
+
 def start_local_spark_cluster():
     """A classic ``local-cluster`` session: separate executor JVMs, as on a real cluster."""
     from pyspark.sql import SparkSession
 
+    # executors must run this interpreter (the one with ray installed), not whatever python3 is first
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return (SparkSession.builder.master(LOCAL_CLUSTER_MASTER)
             .appName("lakevision-ray-on-spark")
             .config("spark.task.cpus", "1")
@@ -76,7 +91,7 @@ def start_local_spark_cluster():
 
 
 @contextlib.contextmanager
-def ray_cluster(settings: DistributedSettings, log_to_driver: bool = True) -> Iterator[Literal["ray_on_spark", "local"]]:
+def ray_cluster(settings: DistributedSettings, use_gpu: bool, log_to_driver: bool = True) -> Iterator[Literal["ray_on_spark", "local"]]:
     """Connect Ray for the duration of the block, and shut down whatever this started."""
     import ray
 
@@ -89,28 +104,8 @@ def ray_cluster(settings: DistributedSettings, log_to_driver: bool = True) -> It
     spark = classic_spark_session()
     mode = settings.cluster
     if mode == "ray_on_spark" or (mode == "auto" and spark is not None):
-        started_spark = None
-        if spark is None:
-            spark = started_spark = start_local_spark_cluster()
-        from ray.util.spark import setup_ray_cluster, shutdown_ray_cluster
-
-        kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
-                        "head_node_options": {"include_dashboard": False}}
-        master = spark.sparkContext.master
-        if not master.startswith("local["):  # local[N] has no stage scheduling for per-node resources
-            kwargs.update(num_cpus_worker_node=int(spark.conf.get("spark.task.cpus", "1")),
-                          num_gpus_worker_node=1 if settings.use_gpu else 0)
-        agents_before = processes_matching(*_AGENT_MARKERS)
-        address, _ = setup_ray_cluster(**kwargs)
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
-        try:
-            yield "ray_on_spark"
-        finally:
-            ray.shutdown()
-            shutdown_ray_cluster()
-            _kill(processes_matching(*_AGENT_MARKERS) - agents_before)
-            if started_spark is not None:
-                started_spark.stop()
+        with _classic_spark_mode():
+            yield from _ray_on_spark(settings, spark, use_gpu, log_to_driver)
         return
     # A laptop is not a spot instance: skip the preemption watcher actor (one less process to start).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -119,3 +114,35 @@ def ray_cluster(settings: DistributedSettings, log_to_driver: bool = True) -> It
         yield "local"
     finally:
         ray.shutdown()
+
+
+def _ray_on_spark(settings: DistributedSettings, spark, use_gpu: bool, log_to_driver: bool) -> Iterator[Literal["ray_on_spark"]]:
+    import ray
+    from ray.util.spark import setup_ray_cluster, shutdown_ray_cluster
+
+    # Ray-on-Spark launches nodes with `which ray`: this interpreter's scripts must be on PATH
+    # (a venv used without activating it, as `make test` does, is not).
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    started_spark = None
+    if spark is None:
+        spark = started_spark = start_local_spark_cluster()
+    kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
+                    "head_node_options": {"include_dashboard": False}}
+    if not spark.sparkContext.master.startswith("local["):  # local[N] has no per-node stage scheduling
+        kwargs.update(num_cpus_worker_node=int(spark.conf.get("spark.task.cpus", "1")),
+                      num_gpus_worker_node=1 if use_gpu else 0)
+    agents_before = processes_matching(*_AGENT_MARKERS)
+    try:
+        address, _ = setup_ray_cluster(**kwargs)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+        try:
+            yield "ray_on_spark"
+        finally:
+            ray.shutdown()
+            shutdown_ray_cluster()
+    finally:
+        _kill(processes_matching(*_AGENT_MARKERS) - agents_before)
+        if started_spark is not None:
+            started_spark.stop()

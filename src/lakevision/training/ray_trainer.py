@@ -178,7 +178,7 @@ class RayTrainer:
                                                    checkpoint_score_order="min"),
             ),
         )
-        with ray_cluster(s.distributed, log_to_driver=config.get("log_to_driver", True)) as where:
+        with ray_cluster(s.distributed, self.use_gpu, log_to_driver=config.get("log_to_driver", True)) as where:
             result = trainer.fit()
         if result.error is not None:
             raise result.error
