@@ -33,7 +33,7 @@ def _ds(image, task, anns=(SQUARE, SMALL), **kw):
 def test_detection_target_in_torchvision_format(image):
     ds = _ds(image, "detection")
     x, t = ds[0]
-    assert x.shape == (3, 80, 100) and x.dtype == torch.float32 and float(x.max()) <= 1.0
+    assert x.shape == (3, 80, 100) and x.dtype == torch.uint8  # BaseModel scales to [0, 1]
     # category ids map to 1..K in sorted id order (3 -> 1, 7 -> 2); boxes become xyxy
     assert t["labels"].tolist() == [2, 1]
     assert t["boxes"].tolist() == [[10.0, 20.0, 40.0, 60.0], [60.0, 5.0, 70.0, 15.0]]
@@ -121,7 +121,8 @@ def test_records_from_the_gold_table(runtime, tmp_path):
     assert len(train.image_paths) + len(val.image_paths) == 30
     assert train.category_ids == [1, 2, 3] and train.category_names == ["circle", "square", "triangle"]
     assert train.version == result.tables["samples"]["version"]
-    dataset = COCODataset(train.image_paths, train.annotations, task="segmentation", category_ids=train.category_ids)
+    dataset = COCODataset.from_samples(runtime, "train", result.tables["samples"]["version"], task="segmentation")
+    assert len(dataset) == len(train.image_paths) and dataset.source.version == train.version
     x, t = dataset[0]
     assert t["masks"].shape[0] == len(t["labels"]) > 0 and t["masks"].shape[1:] == x.shape[1:]
     with pytest.raises(FileNotFoundError, match="no samples table"):

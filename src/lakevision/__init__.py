@@ -13,6 +13,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "COCOProcessor": "lakevision.data.processor",
+    "COCODataset": "lakevision.training.dataset",
+    "BaseModel": "lakevision.training.module",
+    "RayTrainer": "lakevision.training.ray_trainer",
+    "ExperimentTracker": "lakevision.tracking",
+    "ClassificationMetrics": "lakevision.evaluation",
+    "DetectionMetrics": "lakevision.evaluation",
+    "SegmentationMetrics": "lakevision.evaluation",
     "load_config": "lakevision.config",
     "LakevisionConfig": "lakevision.config",
     "ConfigError": "lakevision.config",

@@ -14,14 +14,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from lakevision.config import ConfigError, load_config
+from lakevision.config import load_config
+from lakevision.errors import LakevisionError
 
 # Sail logs every session at INFO, and a warning for each idle task it aborts at shutdown.
 os.environ.setdefault("RUST_LOG", "warn,sail_common::actor=error")
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed without a traceback, exit code 2."""
+class UserError(LakevisionError):
+    """A bad command-line argument."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -97,6 +98,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lakevision.evaluation.evaluate import run_evaluation
+
+    with _stdout_for_json(args.json), _runtime(args) as rt:
+        result = run_evaluation(rt, args.model_uri, args.task, args.data_version)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['task']} model {result['model_uri']} on {result['images']} test images "
+              f"(data version {result['data_version']}); logged to MLflow run {result['run_id']}")
+        for k, v in sorted(result["metrics"].items()):
+            print(f"  {k:<28} {v:.4f}")
+        print(f"per-image predictions: {result['predictions_table']['location']}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
 
@@ -144,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("evaluate", help="COCO-exact metrics of a logged model on the gold test split")
+    p.add_argument("--model-uri", required=True, help="e.g. models:/m-..., runs:/RUN/model, models:/name@champion")
+    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None,
+                   help="checked against the model (default: taken from the model)")
+    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("generate", help="write the synthetic shapes dataset (COCO format)")
     p.add_argument("--out", required=True)
     p.add_argument("--images", type=int, default=200)
@@ -161,14 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lakevision.data.coco_json import CocoFormatError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UserError, ConfigError, CocoFormatError, FileNotFoundError) as exc:
+    except (LakevisionError, FileNotFoundError) as exc:
         print(f"lakevision {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

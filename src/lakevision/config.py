@@ -13,10 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lakevision.errors import LakevisionError
+
 CONFIG_DIR_ENV = "LAKEVISION_CONFIG_DIR"
 
 
-class ConfigError(ValueError):
+class ConfigError(LakevisionError, ValueError):
     """A configuration file is missing, unreadable or invalid."""
 
 
@@ -100,6 +102,7 @@ class TrainData(_Strict):
 
 class Optimization(_Strict):
     max_epochs: int = Field(10, gt=0)
+    max_minutes: float | None = Field(None, gt=0, description="training time budget (Lightning max_time)")
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine floor as a fraction of learning_rate")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field("auto", description="auto: bf16 on GPU")

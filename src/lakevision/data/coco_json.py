@@ -23,6 +23,8 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
+from lakevision.errors import LakevisionError
+
 POLYGONS_TYPE = pa.list_(pa.list_(pa.float64()))
 SEGMENTATION_TYPE = pa.struct(
     [
@@ -33,7 +35,7 @@ SEGMENTATION_TYPE = pa.struct(
 )
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(LakevisionError, ValueError):
     """The annotation file cannot be used at all; nothing has been written."""
 
 

@@ -20,6 +20,8 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from lakevision.errors import LakevisionError
+
 if TYPE_CHECKING:
     import albumentations as A
 
@@ -32,7 +34,7 @@ IGNORE_INDEX = 255  # semantic masks: crowd regions are neither background nor o
 _MIN_BOX_SIDE = 1.0
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(LakevisionError, RuntimeError):
     """An image that ingest accepted can no longer be read (changed or removed since)."""
 
 
@@ -145,6 +147,15 @@ class COCODataset(Dataset):
             self.records = [self.records[i] for i in keep]
             self.class_labels = [self.label_of[labels[i]] for i in keep]
 
+    @classmethod
+    def from_samples(cls, rt: Runtime, split: str | Sequence[str], version: int | None = None,
+                     transform: A.Compose | None = None, task: str = "detection", **kwargs) -> COCODataset:
+        """The ``split`` rows of the gold ``samples`` table at Delta ``version`` (default: latest)."""
+        records = load_split(rt, split, version)
+        ds = cls(records.image_paths, records.annotations, transform, task, category_ids=records.category_ids, **kwargs)
+        ds.source = records
+        return ds
+
     @property
     def num_classes(self) -> int:
         """Classes the model predicts, background included where the task has one."""
@@ -201,7 +212,8 @@ class COCODataset(Dataset):
             labels, keep = list(out["labels"]), [int(i) for i in out["ann_index"]]
             if need_masks and masks:
                 masks = [np.asarray(out["masks"][i]) for i in keep]
-        tensor = _to_tensor(image, scale=True)
+        # uint8 across the DataLoader's process boundary (4x less than float32); BaseModel scales
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         target = {
             "boxes": torch.as_tensor(boxes, dtype=torch.float32),
             "labels": torch.as_tensor(labels, dtype=torch.int64),
@@ -225,6 +237,15 @@ def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tenso
     """Detection batches keep per-image sizes: lists, not stacked tensors."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def worker_collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """:func:`collate_fn` for DataLoader worker processes: the small target tensors travel as
+    numpy arrays, since each tensor crossing a process boundary costs a shared-memory segment and
+    five per image cost more than the pixels (benchmarks/training.py: 185 -> 300+ img/s).
+    :meth:`BaseModel.on_after_batch_transfer` turns them back into tensors on the device."""
+    images, targets = collate_fn(batch)
+    return images, [{k: v.numpy() for k, v in t.items()} for t in targets]
 
 
 @dataclass
@@ -252,12 +273,12 @@ def load_split(rt: Runtime, split: str | Sequence[str], version: int | None = No
     splits = [split] if isinstance(split, str) else list(split)
     rows = (delta.read_table(rt.spark, ref, version)
             .filter(F.col("split").isin(splits))
-            .select("image_id", "path", "annotations")
+            .select("image_id", "path", "width", "height", "annotations")
             .orderBy("image_id")
             .collect())
     cats = delta.read_table(rt.spark, rt.table("categories")).orderBy("id").collect()
-    records = [{"image_id": r["image_id"], "annotations": [a.asDict(recursive=True) for a in (r["annotations"] or [])]}
-               for r in rows]
+    records = [{"image_id": r["image_id"], "width": r["width"], "height": r["height"],
+                "annotations": [a.asDict(recursive=True) for a in (r["annotations"] or [])]} for r in rows]
     return SplitRecords(
         image_paths=[r["path"] for r in rows],
         annotations=records,

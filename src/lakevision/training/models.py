@@ -12,10 +12,12 @@ from collections.abc import Callable
 
 from torch import nn
 
+from lakevision.errors import LakevisionError
+
 _DOWNLOAD_TIMEOUT_S = 10
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(LakevisionError, RuntimeError):
     pass
 
 

@@ -78,12 +78,24 @@ class BaseModel(pl.LightningModule):
         return self.task in ("detection", "segmentation") and not self.semantic
 
     # ------------------------------------------------------------------ forward and losses
+    @staticmethod
+    def _scaled(images) -> list[torch.Tensor]:
+        """Detection inputs arrive as uint8 (cheaper to move between processes and to the GPU)."""
+        return [im.float().div(255) if im.dtype == torch.uint8 else im for im in images]
+
     def forward(self, x):
         if self.task == "classification":
             return self.model(x)
         if self.semantic:
             return self.model(x)["out"]
-        return self.model(list(x))  # eval mode: one dict of boxes/labels/scores(/masks) per image
+        return self.model(self._scaled(x))  # eval mode: one dict of boxes/labels/scores(/masks) per image
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Targets shipped as numpy by :func:`worker_collate_fn` become tensors on this device."""
+        images, targets = batch
+        if isinstance(targets, list):
+            targets = [{k: torch.as_tensor(v, device=self.device) for k, v in t.items()} for t in targets]
+        return images, targets
 
     def _loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, targets = batch
@@ -93,7 +105,7 @@ class BaseModel(pl.LightningModule):
         if self.semantic:
             logits = self.model(images)["out"]
             return F.cross_entropy(logits, targets["mask"], ignore_index=IGNORE_INDEX), {"logits": logits}
-        losses = self.model(list(images), list(targets))
+        losses = self.model(self._scaled(images), list(targets))
         return sum(losses.values()), losses
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
@@ -114,7 +126,7 @@ class BaseModel(pl.LightningModule):
             with torch.no_grad():
                 loss, _ = self._loss(batch)
             self.model.eval()
-            preds = self.model(list(images))
+            preds = self.model(self._scaled(images))
             self._val_outputs.extend(zip(
                 [{k: v.detach().cpu() for k, v in p.items() if k != "masks"} for p in preds],
                 [{k: v.detach().cpu() for k, v in t.items() if k != "masks"} for t in targets],
@@ -135,7 +147,8 @@ class BaseModel(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.instance_task:
             return
-        outputs = self._gather(self._val_outputs)
+        # DistributedSampler pads ranks to equal length by repeating images: count each image once
+        outputs = list({int(t["image_id"]): (p, t) for p, t in self._gather(self._val_outputs)}.values())
         self._val_outputs = []
         if self.trainer.sanity_checking or not outputs:
             return

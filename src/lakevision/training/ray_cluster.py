@@ -109,11 +109,27 @@ def ray_cluster(settings: DistributedSettings, use_gpu: bool, log_to_driver: boo
         return
     # A laptop is not a spot instance: skip the preemption watcher actor (one less process to start).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(include_dashboard=False, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+    _init_local(log_to_driver)
     try:
         yield "local"
     finally:
         ray.shutdown()
+
+
+def _init_local(log_to_driver: bool, attempts: int = 2) -> None:
+    """Start local Ray; on a busy 2-core machine its node start-up now and then misses a deadline
+    ("The current node timed out during startup"), and a second try goes through."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("Ray start-up timed out (attempt %d); retrying", attempt)
+            ray.shutdown()
 
 
 def _ray_on_spark(settings: DistributedSettings, spark, use_gpu: bool, log_to_driver: bool) -> Iterator[Literal["ray_on_spark"]]:

@@ -19,7 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from lakevision.config import Training
-from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, collate_fn
+from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, worker_collate_fn
 from lakevision.training.ray_cluster import ray_cluster
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _loaders(cfg: dict):
         workers = data["loader_workers"]
         return DataLoader(ds, batch_size=data["batch_size"], shuffle=is_train, num_workers=workers,
                           persistent_workers=workers > 0, drop_last=False,
-                          collate_fn=None if task == "classification" or semantic else collate_fn)
+                          collate_fn=None if task == "classification" or semantic else worker_collate_fn)
 
     return make(train, True), make(val, False)
 
@@ -99,6 +99,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=opt["early_stopping_patience"]))
     trainer = pl.Trainer(
         max_epochs=opt["max_epochs"],
+        max_time={"minutes": opt["max_minutes"]} if opt["max_minutes"] else None,
         accelerator="auto",
         devices="auto",
         strategy=RayDDPStrategy(),

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lakevision.errors import DataError
 from lakevision.runtime import Runtime
 from lakevision.tracking import ExperimentTracker
 from lakevision.training.dataset import load_split
@@ -30,7 +31,7 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
     train = load_split(rt, "train", data_version)
     val = load_split(rt, "val", train.version)
     if not train.image_paths or not val.image_paths:
-        raise ValueError(f"{train.table}@v{train.version}: the train and val splits need images "
+        raise DataError(f"{train.table}@v{train.version}: the train and val splits need images "
                          f"(have {len(train.image_paths)} and {len(val.image_paths)})")
     arch = getattr(settings.model.architectures, task)
     semantic = is_semantic(arch)

@@ -1,0 +1,279 @@
+"""The evaluate job: a logged model on the gold test split -> metrics, figures and a report in
+the model's MLflow run, and per-image predictions in a Delta table for error analysis.
+
+Instance tasks are evaluated on the original images against the original COCO ground truth (crowd
+regions included): torchvision detection models resize internally and return boxes in input
+coordinates, so nothing is rescaled here and the numbers are COCO's own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lakevision import delta
+from lakevision.evaluation import ClassificationMetrics, DetectionMetrics, SegmentationMetrics
+from lakevision.errors import DataError, LakevisionError
+from lakevision.evaluation._figures import new_figure
+from lakevision.runtime import Runtime
+from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, load_split, segmentation_to_rle
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_TABLE = "predictions"
+_MASK_THRESHOLD = 0.5
+_GRID = 6  # images in each figure grid
+
+
+class ModelLoadError(LakevisionError, RuntimeError):
+    pass
+
+
+@dataclass
+class _Outputs:
+    image_ids: list[int]
+    predictions: list[dict]  # per image, category ids as labels
+    per_image_score: list[float]  # lower = worse, for the "worst errors" grid
+
+
+def _load_model(model_uri: str):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except (MlflowException, OSError) as exc:
+        raise ModelLoadError(f"{model_uri}: cannot load the model: {exc}") from None
+    return model.eval(), info
+
+
+def _training_params(run_id: str | None) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_run(run_id).data.params if run_id else {}
+
+
+def _task_of(model: torch.nn.Module, requested: str | None, params: dict) -> tuple[str, bool]:
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.segmentation.deeplabv3 import DeepLabV3
+
+    if isinstance(model, DeepLabV3):
+        task, semantic = "segmentation", True
+    elif isinstance(model, MaskRCNN):
+        task, semantic = "segmentation", False
+    elif isinstance(model, (GeneralizedRCNN, RetinaNet)):
+        task, semantic = "detection", False
+    else:
+        task, semantic = "classification", False
+    if requested and requested != task:
+        raise DataError(f"--task {requested}: the model is a {type(model).__name__}, a {task} model")
+    trained = params.get("task")
+    if trained and trained != task:
+        raise DataError(f"the model's training run says task {trained!r}, the model is a {task} model")
+    return task, semantic
+
+
+def _instance_outputs(model, records: SplitRecords, label_to_cat: dict[int, int], task: str, batch: int) -> _Outputs:
+    ds = COCODataset(records.image_paths, records.annotations, None, "detection", category_ids=records.category_ids)
+    ids, preds = [], []
+    with torch.no_grad():
+        for start in range(0, len(ds), batch):
+            items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
+            outs = model([x.float().div(255) for x, _ in items])
+            for (_, t), o in zip(items, outs):
+                labels = np.array([label_to_cat[int(v)] for v in o["labels"]], np.int64)
+                p = {"image_id": int(t["image_id"]), "boxes": o["boxes"].numpy(), "labels": labels,
+                     "scores": o["scores"].numpy()}
+                if task == "segmentation":
+                    p["masks"] = (o["masks"][:, 0] > _MASK_THRESHOLD).numpy().astype(np.uint8)
+                ids.append(p["image_id"])
+                preds.append(p)
+    return _Outputs(ids, preds, [])
+
+
+def _ground_truth(records: SplitRecords, with_masks: bool) -> list[dict]:
+    gts = []
+    for rec in records.annotations:
+        anns = rec["annotations"]
+        xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+        gt = {"image_id": int(rec["image_id"]),
+              "boxes": np.column_stack([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]]) if len(anns) else np.zeros((0, 4)),
+              "labels": np.array([a["category_id"] for a in anns], np.int64),
+              "iscrowd": np.array([a["iscrowd"] for a in anns], np.int64),
+              "area": np.array([a["area"] for a in anns], np.float64)}
+        if with_masks:
+            gt["masks"] = [segmentation_to_rle(a["segmentation"], rec["height"], rec["width"]) for a in anns]
+            del gt["boxes"]
+        gts.append(gt)
+    return gts
+
+
+def _per_image_recall(pred: dict, gt: dict, iou: float = 0.5) -> float:
+    """Share of non-crowd objects found (IoU >= 0.5, same class): ranks the worst images."""
+    from torchvision.ops import box_iou
+
+    keep = gt["iscrowd"] == 0
+    gboxes, glabels = gt["boxes"][keep], gt["labels"][keep]
+    if not len(gboxes):
+        return 1.0
+    if not len(pred["boxes"]):
+        return 0.0
+    ious = box_iou(torch.as_tensor(gboxes, dtype=torch.float32), torch.as_tensor(pred["boxes"], dtype=torch.float32)).numpy()
+    same = glabels[:, None] == pred["labels"][None, :]
+    return float(((ious >= iou) & same).any(axis=1).mean())
+
+
+def _draw(ax, image: np.ndarray, gt: dict | None, pred: dict | None, names: dict[int, str], title: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.imshow(image)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8)
+    for boxes, labels, color, scores in ((gt or {}).get("boxes"), (gt or {}).get("labels"), "lime", None), \
+            ((pred or {}).get("boxes"), (pred or {}).get("labels"), "red", (pred or {}).get("scores")):
+        if boxes is None:
+            continue
+        for k, (box, lab) in enumerate(zip(boxes, labels)):
+            if scores is not None and scores[k] < 0.5:
+                continue
+            x0, y0, x1, y1 = box
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=color, lw=1.2))
+            text = names.get(int(lab), str(lab)) + (f" {scores[k]:.2f}" if scores is not None else "")
+            ax.text(x0, y0, text, color=color, fontsize=6, va="bottom")
+
+
+def _grid(records: SplitRecords, gts: list[dict], preds: list[dict], order: list[int], names: dict[int, str], title: str):
+    from lakevision.training.dataset import load_rgb
+
+    picks = order[:_GRID]
+    cols = 3
+    fig, axes = new_figure(max(1, -(-len(picks) // cols)), cols, (10, 3.4 * max(1, -(-len(picks) // cols))))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, picks):
+        _draw(ax, load_rgb(records.image_paths[i]), gts[i], preds[i], names, f"image {gts[i]['image_id']}")
+    fig.suptitle(f"{title} (green: ground truth, red: predictions >= 0.5)")
+    return fig
+
+
+def _report(task: str, model_uri: str, records: SplitRecords, metrics: dict[str, float]) -> str:
+    lines = [f"# Evaluation of `{model_uri}`", "",
+             f"- task: {task}", f"- data: `{records.table}` version {records.version}, split test, "
+             f"{len(records.image_paths)} images", f"- evaluated at {dt.datetime.now(dt.timezone.utc).isoformat()}", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _predictions_frame(model_uri: str, records: SplitRecords, preds: list[dict], task: str) -> pd.DataFrame:
+    rows = []
+    for p in preds:
+        # full precision: the table must reproduce the metrics exactly
+        body = {"boxes": np.asarray(p.get("boxes", np.zeros((0, 4)))).tolist(),
+                "labels": np.asarray(p.get("labels", [])).tolist(), "scores": np.asarray(p.get("scores", [])).tolist()}
+        if task == "classification" or "label" in p:
+            body = {"label": int(p["label"]), "probabilities": np.asarray(p["probabilities"]).tolist()}
+        text = json.dumps(body)
+        rows.append({"model_uri": model_uri, "image_id": int(p["image_id"]), "data_version": records.version,
+                     "prediction": text, "row_hash": hashlib.sha1(text.encode()).hexdigest(),
+                     "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+    return pd.DataFrame(rows)
+
+
+def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_version: int | None = None,
+                   batch_size: int = 8) -> dict[str, Any]:
+    import mlflow
+
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    mlflow.set_registry_uri(rt.registry_uri)
+    model, info = _load_model(model_uri)
+    params = _training_params(info.run_id)
+    task, semantic = _task_of(model, task, params)
+    records = load_split(rt, "test", data_version)
+    if not records.image_paths:
+        raise DataError(f"{records.table}@v{records.version}: the test split has no images")
+    names = dict(zip(records.category_ids, records.category_names))
+    figures: dict[str, Any] = {}
+    if task == "classification" or semantic:
+        metrics, preds, figures = _dense_task(model, records, task, semantic, params, batch_size)
+    else:
+        label_to_cat = {i + 1: c for i, c in enumerate(records.category_ids)}
+        out = _instance_outputs(model, records, label_to_cat, task, batch_size)
+        gts = _ground_truth(records, with_masks=False)
+        det = DetectionMetrics()
+        stats = det.compute_metrics(out.predictions, gts, num_classes=len(records.category_ids))
+        metrics = {k: float(v) for k, v in stats.items() if not isinstance(v, dict)}
+        metrics.update({f"ap_{names.get(c, c)}": float(v) for c, v in stats["map_per_class"].items()})
+        if task == "segmentation":
+            segm = SegmentationMetrics(len(records.category_ids) + 1).compute_metrics(
+                [{k: p[k] for k in ("image_id", "masks", "labels", "scores")} for p in out.predictions],
+                _ground_truth(records, with_masks=True))
+            metrics.update({f"segm_{k}": float(v) for k, v in segm.items() if not isinstance(v, dict)})
+        preds = out.predictions
+        recall = [_per_image_recall(p, g) for p, g in zip(preds, gts)]
+        figures = {
+            "evaluation/pr_curve.png": det.plot_precision_recall_curve(
+                preds, gts, class_names=[names.get(i, str(i)) for i in range(1, max(records.category_ids) + 1)]),
+            "evaluation/samples.png": _grid(records, gts, preds, list(range(len(preds))), names, "sample predictions"),
+            "evaluation/worst_errors.png": _grid(records, gts, preds, list(np.argsort(recall, kind="stable")), names,
+                                                 "worst errors (lowest recall at IoU 0.5)"),
+        }
+    report = _report(task, model_uri, records, metrics)
+    with mlflow.start_run(run_id=info.run_id) if info.run_id else mlflow.start_run(run_name="evaluate"):
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if np.isfinite(v)})
+        for path, fig in figures.items():
+            mlflow.log_figure(fig, path)
+        mlflow.log_text(report, "evaluation/report.md")
+        mlflow.set_tags({"evaluation.data_version": str(records.version), "evaluation.model_uri": model_uri})
+        run_id = mlflow.active_run().info.run_id
+    ref = rt.table(PREDICTIONS_TABLE)
+    frame = _predictions_frame(model_uri, records, preds, task)
+    delta.upsert(rt.spark, rt.spark.createDataFrame(frame), ref, ["model_uri", "image_id"], ["row_hash"], rt.staging_dir)
+    return {"task": task, "model_uri": model_uri, "run_id": run_id, "data_version": records.version,
+            "images": len(records.image_paths), "metrics": metrics,
+            "predictions_table": {"location": ref.location, "version": delta.table_version(rt.spark, ref)}}
+
+
+def _dense_task(model, records: SplitRecords, task: str, semantic: bool, params: dict, batch: int):
+    """Classification and semantic segmentation: the training transform at the training size."""
+    size = int(params.get("training.data.image_size", 224))
+    ds = COCODataset(records.image_paths, records.annotations, build_transform(task, size, False, semantic=semantic),
+                     task, category_ids=records.category_ids, semantic=semantic)
+    preds, ys, probs, masks_true, masks_pred = [], [], [], [], []
+    with torch.no_grad():
+        for start in range(0, len(ds), batch):
+            items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
+            x = torch.stack([x for x, _ in items])
+            out = model(x)
+            if semantic:
+                pred = out["out"].argmax(1)
+                for (_, t), m in zip(items, pred):
+                    masks_true.append({"image_id": int(t["image_id"]), "mask": t["mask"].numpy()})
+                    masks_pred.append({"image_id": int(t["image_id"]), "mask": m.numpy()})
+                    preds.append({"image_id": int(t["image_id"]), "label": -1, "probabilities": []})
+                continue
+            prob = out.double().softmax(1)  # float64: sums to 1 within what scikit-learn checks
+            for (_, t), p in zip(items, prob):
+                ys.append(int(t["label"]))
+                probs.append(p.numpy())
+                preds.append({"image_id": int(t["image_id"]), "label": int(p.argmax()), "probabilities": p.numpy()})
+    names = records.category_names
+    if semantic:
+        seg = SegmentationMetrics(len(names) + 1)
+        metrics = {k: float(v) for k, v in seg.compute_metrics(masks_pred, masks_true).items() if not isinstance(v, dict)}
+        return metrics, preds, {}
+    cm = ClassificationMetrics(len(names))
+    y_pred = np.array([p["label"] for p in preds])
+    metrics = cm.compute_metrics(np.array(ys), y_pred, np.stack(probs))
+    return metrics, preds, {"evaluation/confusion_matrix.png": cm.plot_confusion_matrix(np.array(ys), y_pred, names)}

@@ -1,0 +1,104 @@
+"""The evaluate job on real MLflow models and real Delta tables; metrics re-derived with pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from lakevision import delta
+from lakevision.data.ingest import run_ingest
+from lakevision.data.synthetic import generate_dataset
+from lakevision.errors import DataError
+from lakevision.evaluation.evaluate import ModelLoadError, run_evaluation
+from lakevision.tracking import ExperimentTracker
+from lakevision.training.models import build_model
+
+
+@pytest.fixture
+def ingested(runtime, tmp_path):
+    ds = generate_dataset(tmp_path / "d", num_images=40, seed=31, image_size=(128, 160), crowd_fraction=0.2)
+    run_ingest(runtime, str(ds.annotation_file), str(ds.image_dir))
+    return runtime, ds
+
+
+def _log(runtime, task, arch, num_classes, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(task, arch, num_classes, "none", 128, 64, 100)
+    tracker = ExperimentTracker("eval-test", tracking_uri=runtime.tracking_uri)
+    with tracker:
+        tracker.log_parameters({"task": task, "training": {"data": {"image_size": 128}}})
+        example = torch.rand(1, 3, 128, 128) if task == "classification" else None
+        info = tracker.log_model(model.eval(), "model", input_example=example)
+    return info.model_uri, tracker.run_id
+
+
+def test_detection_metrics_equal_pycocotools_on_the_stored_predictions(ingested):
+    runtime, ds = ingested
+    uri, run_id = _log(runtime, "detection", "fasterrcnn_mobilenet_v3_large_320_fpn", 4)
+    result = run_evaluation(runtime, uri)
+    assert result["task"] == "detection" and result["run_id"] == run_id
+    test_ids = {int(r["image_id"]) for r in delta.read_table(runtime.spark, runtime.table("samples"))
+                .filter("split = 'test'").select("image_id").collect()}
+    assert result["images"] == len(test_ids) > 0
+
+    # Rebuild COCO ground truth and results from the source file and the predictions table
+    doc = json.loads(ds.annotation_file.read_text())
+    gt = {"images": [i for i in doc["images"] if i["id"] in test_ids], "categories": doc["categories"],
+          "annotations": [a for a in doc["annotations"] if a["image_id"] in test_ids]}
+    rows = delta.read_table(runtime.spark, runtime.table("predictions")).filter(f"model_uri = '{uri}'").collect()
+    assert {r["image_id"] for r in rows} == test_ids
+    dets = []
+    for r in rows:
+        p = json.loads(r["prediction"])
+        for (x0, y0, x1, y1), lab, score in zip(p["boxes"], p["labels"], p["scores"]):
+            dets.append({"image_id": r["image_id"], "category_id": lab, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+    if not dets:
+        pytest.skip("the untrained model detected nothing")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    for k, name in enumerate(["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+                              "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]):
+        assert result["metrics"][name] == pytest.approx(ev.stats[k], abs=1e-9), name
+
+    client = MlflowClient(runtime.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics["test_map"] == pytest.approx(result["metrics"]["map"])
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/pr_curve.png", "evaluation/samples.png", "evaluation/worst_errors.png",
+            "evaluation/report.md"} <= artifacts
+    version = result["predictions_table"]["version"]
+    again = run_evaluation(runtime, uri)
+    assert again["predictions_table"]["version"] == version  # same predictions: nothing committed
+
+
+def test_classification_evaluation_logs_confusion_matrix(ingested):
+    runtime, _ = ingested
+    uri, run_id = _log(runtime, "classification", "resnet18", 3)
+    result = run_evaluation(runtime, uri, task="classification")
+    assert 0.0 <= result["metrics"]["accuracy"] <= 1.0 and "f1_macro" in result["metrics"]
+    assert "log_loss" in result["metrics"]
+    client = MlflowClient(runtime.tracking_uri)
+    assert "evaluation/confusion_matrix.png" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+
+
+def test_bad_model_uri_and_task_mismatch(ingested):
+    runtime, _ = ingested
+    mlflow.set_tracking_uri(runtime.tracking_uri)
+    with pytest.raises(ModelLoadError, match="models:/nope@champion: cannot load the model"):
+        run_evaluation(runtime, "models:/nope@champion")
+    uri, _ = _log(runtime, "classification", "resnet18", 3)
+    with pytest.raises(DataError, match="--task detection: the model is a ResNet, a classification model"):
+        run_evaluation(runtime, uri, task="detection")
