@@ -43,7 +43,7 @@ def test_ingest_json_prints_exactly_one_object(dataset, tmp_path):
     out = json.loads(proc.stdout)  # fails on any extra output
     assert set(out) == {"tables", "quarantine_by_reason"}
     assert set(out["tables"]) == set(TABLES)
-    for name, t in out["tables"].items():
+    for t in out["tables"].values():
         assert set(t) == {"location", "version", "rows"}
         assert DeltaTable(t["location"]).version() == t["version"]
     assert out["quarantine_by_reason"] == {c: 1 for c in sorted(DEFECT_CODES)}

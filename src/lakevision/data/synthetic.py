@@ -198,7 +198,7 @@ def _inject(b: _Builder, defects: Mapping[str, int], next_image_id: int, min_siz
         raise ValueError("image defects need image files (metadata_only=False)")
     manifest: dict[str, list[str]] = {}
     good_image = b.images[0]
-    gw, gh = good_image["width"], good_image["height"]
+    gw = good_image["width"]
     image_id = next_image_id
     mid = max(min_size + 20, 128)
 
