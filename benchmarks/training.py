@@ -87,6 +87,7 @@ def bench_throughput(steps: int) -> None:
     _, paths, records = _dataset(400, (320, 640))
     m = ModelSettings()
     cases = [("classification", "resnet18", 224, 16, False), ("detection", "fasterrcnn_mobilenet_v3_large_320_fpn", 320, 4, False),
+             ("detection", "fasterrcnn_resnet18_fpn", 320, 4, False), ("segmentation", "maskrcnn_resnet18_fpn", 320, 2, False),
              ("segmentation", "maskrcnn_resnet50_fpn", 320, 2, False), ("segmentation", "deeplabv3_mobilenet_v3_large", 320, 4, True)]
     print(f"CPU training throughput, one process, {torch.get_num_threads()} threads, from scratch:")
     for task, arch, size, batch, semantic in cases:
@@ -131,7 +132,8 @@ def bench_quality(minutes: float, n: int) -> None:
         raise SystemExit(proc.returncode)
     result = json.loads(proc.stdout)
     m = result["metrics"]
-    print(f"detection quality after a {minutes:g}-minute fit() budget on CPU (2 Ray workers, {n} images, 160 px):")
+    print(f"detection quality of {result['architecture']} after a {minutes:g}-minute fit() budget on CPU "
+          f"(2 Ray workers, {n} images, 160 px):")
     print(f"  wall {wall:.0f} s (Ray start, fit, model logging); val mAP@0.5 {m.get('val_map_50', float('nan')):.3f} "
           f"(best {result['best_metric']['value']:.3f}), val mAP {m.get('val_map', float('nan')):.3f} (goal mAP@0.5 >= 0.5)")
 

@@ -32,6 +32,8 @@ def shapes(tmp_path_factory):
 CASES = [
     ("classification", "resnet18", False),
     ("detection", "fasterrcnn_mobilenet_v3_large_320_fpn", False),
+    ("detection", "fasterrcnn_resnet18_fpn", False),
+    ("segmentation", "maskrcnn_resnet18_fpn", False),
     ("segmentation", "maskrcnn_resnet50_fpn", False),
     ("segmentation", "deeplabv3_mobilenet_v3_large", True),
 ]

@@ -75,10 +75,11 @@ Task = Literal["classification", "detection", "segmentation"]
 
 class Architectures(_Strict):
     classification: Literal["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "convnext_tiny"] = "resnet18"
-    detection: Literal["fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn"] = (
-        "fasterrcnn_mobilenet_v3_large_320_fpn"
+    detection: Literal["fasterrcnn_resnet18_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn_v2",
+                       "retinanet_resnet50_fpn"] = "fasterrcnn_resnet18_fpn"
+    segmentation: Literal["maskrcnn_resnet18_fpn", "maskrcnn_resnet50_fpn", "deeplabv3_mobilenet_v3_large"] = (
+        "maskrcnn_resnet18_fpn"
     )
-    segmentation: Literal["maskrcnn_resnet50_fpn", "deeplabv3_mobilenet_v3_large"] = "maskrcnn_resnet50_fpn"
 
 
 class ModelSettings(_Strict):
