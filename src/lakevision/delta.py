@@ -85,10 +85,9 @@ def upsert(
     Returns the number of rows inserted or updated.
     """
     if not table_exists(spark, ref):
-        n = df.count()
         _write(df, ref, "overwrite")
         _check_columns(spark, ref, df.columns)
-        return n
+        return read_table(spark, ref).count()  # the table, not df: df would be computed a second time
     current = read_table(spark, ref).select(*keys, *compare)
     changed = df.join(current, on=[*keys, *compare], how="left_anti")
     # Stage the delta so MERGE does not read the target it is rewriting.
