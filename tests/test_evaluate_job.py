@@ -101,3 +101,12 @@ def test_bad_model_uri_and_task_mismatch(ingested):
     uri, _ = _log(runtime, "classification", "resnet18", 3)
     with pytest.raises(DataError, match="--task detection: the model is a ResNet, a classification model"):
         run_evaluation(runtime, uri, task="detection")
+
+
+def test_instance_segmentation_reports_box_and_mask_stats(ingested):
+    runtime, _ = ingested
+    uri, _ = _log(runtime, "segmentation", "maskrcnn_resnet18_fpn", 4)
+    result = run_evaluation(runtime, uri, task="segmentation")
+    metrics = result["metrics"]
+    assert {"map", "map_50", "segm_map", "segm_map_50"} <= set(metrics)
+    assert all(-1.0 <= metrics[k] <= 1.0 for k in ("map", "segm_map"))

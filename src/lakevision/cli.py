@@ -34,6 +34,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
+def _task_and_data_version(p: argparse.ArgumentParser, task_help: str) -> None:
+    """Arguments of the jobs that read the gold table for a task (train, evaluate)."""
+    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None, help=task_help)
+    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
+    _common(p)
+
+
 @contextlib.contextmanager
 def _runtime(args: argparse.Namespace):
     from lakevision.runtime import get_runtime
@@ -155,18 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("train", help="train a torchvision model with Ray Train, logged to MLflow")
-    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None,
-                   help="default: training.task from training_config.yaml")
-    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
-    _common(p)
+    _task_and_data_version(p, "default: training.task from training_config.yaml")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="COCO-exact metrics of a logged model on the gold test split")
     p.add_argument("--model-uri", required=True, help="e.g. models:/m-..., runs:/RUN/model, models:/name@champion")
-    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None,
-                   help="checked against the model (default: taken from the model)")
-    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
-    _common(p)
+    _task_and_data_version(p, "checked against the model (default: taken from the model)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="write the synthetic shapes dataset (COCO format)")

@@ -219,7 +219,7 @@ class COCOProcessor:
 
         # --- images
         img_first, img_dup = _first_occurrence(self.images)
-        checked = img_first.join(checks.drop("file_name"), on="id", how="inner")
+        checked = img_first.join(checks, on="id", how="inner")
         dw, dh = F.col("decoded_width"), F.col("decoded_height")
         reason = (
             F.when(~F.col("file_exists"), "missing_file")

@@ -12,7 +12,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,13 +34,6 @@ _GRID = 6  # images in each figure grid
 
 class ModelLoadError(LakevisionError, RuntimeError):
     pass
-
-
-@dataclass
-class _Outputs:
-    image_ids: list[int]
-    predictions: list[dict]  # per image, category ids as labels
-    per_image_score: list[float]  # lower = worse, for the "worst errors" grid
 
 
 def _load_model(model_uri: str):
@@ -84,9 +76,10 @@ def _task_of(model: torch.nn.Module, requested: str | None, params: dict) -> tup
     return task, semantic
 
 
-def _instance_outputs(model, records: SplitRecords, label_to_cat: dict[int, int], task: str, batch: int) -> _Outputs:
+def _instance_outputs(model, records: SplitRecords, label_to_cat: dict[int, int], task: str, batch: int) -> list[dict]:
+    """One prediction dict per test image, labels mapped back to COCO category ids."""
     ds = COCODataset(records.image_paths, records.annotations, None, "detection", category_ids=records.category_ids)
-    ids, preds = [], []
+    preds = []
     with torch.no_grad():
         for start in range(0, len(ds), batch):
             items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
@@ -97,9 +90,8 @@ def _instance_outputs(model, records: SplitRecords, label_to_cat: dict[int, int]
                      "scores": o["scores"].numpy()}
                 if task == "segmentation":
                     p["masks"] = (o["masks"][:, 0] > _MASK_THRESHOLD).numpy().astype(np.uint8)
-                ids.append(p["image_id"])
                 preds.append(p)
-    return _Outputs(ids, preds, [])
+    return preds
 
 
 def _ground_truth(records: SplitRecords, with_masks: bool) -> list[dict]:
@@ -114,7 +106,6 @@ def _ground_truth(records: SplitRecords, with_masks: bool) -> list[dict]:
               "area": np.array([a["area"] for a in anns], np.float64)}
         if with_masks:
             gt["masks"] = [segmentation_to_rle(a["segmentation"], rec["height"], rec["width"]) for a in anns]
-            del gt["boxes"]
         gts.append(gt)
     return gts
 
@@ -209,22 +200,23 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
         metrics, preds, figures = _dense_task(model, records, task, semantic, params, batch_size)
     else:
         label_to_cat = {i + 1: c for i, c in enumerate(records.category_ids)}
-        out = _instance_outputs(model, records, label_to_cat, task, batch_size)
-        gts = _ground_truth(records, with_masks=False)
+        preds = _instance_outputs(model, records, label_to_cat, task, batch_size)
+        gts = _ground_truth(records, with_masks=task == "segmentation")
         det = DetectionMetrics()
-        stats = det.compute_metrics(out.predictions, gts, num_classes=len(records.category_ids))
+        box_gts = [{k: g[k] for k in ("image_id", "boxes", "labels", "iscrowd", "area")} for g in gts]
+        box_preds = [{k: p[k] for k in ("image_id", "boxes", "labels", "scores")} for p in preds]
+        stats = det.compute_metrics(box_preds, box_gts, num_classes=len(records.category_ids))
         metrics = {k: float(v) for k, v in stats.items() if not isinstance(v, dict)}
         metrics.update({f"ap_{names.get(c, c)}": float(v) for c, v in stats["map_per_class"].items()})
         if task == "segmentation":
             segm = SegmentationMetrics(len(records.category_ids) + 1).compute_metrics(
-                [{k: p[k] for k in ("image_id", "masks", "labels", "scores")} for p in out.predictions],
-                _ground_truth(records, with_masks=True))
+                [{k: p[k] for k in ("image_id", "masks", "labels", "scores")} for p in preds],
+                [{k: g[k] for k in ("image_id", "masks", "labels", "iscrowd", "area")} for g in gts])
             metrics.update({f"segm_{k}": float(v) for k, v in segm.items() if not isinstance(v, dict)})
-        preds = out.predictions
         recall = [_per_image_recall(p, g) for p, g in zip(preds, gts)]
         figures = {
             "evaluation/pr_curve.png": det.plot_precision_recall_curve(
-                preds, gts, class_names=[names.get(i, str(i)) for i in range(1, max(records.category_ids) + 1)]),
+                box_preds, box_gts, class_names=[names.get(i, str(i)) for i in range(1, max(records.category_ids) + 1)]),
             "evaluation/samples.png": _grid(records, gts, preds, list(range(len(preds))), names, "sample predictions"),
             "evaluation/worst_errors.png": _grid(records, gts, preds, list(np.argsort(recall, kind="stable")), names,
                                                  "worst errors (lowest recall at IoU 0.5)"),

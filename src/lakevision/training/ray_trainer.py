@@ -80,14 +80,11 @@ def _loaders(cfg: dict):
 
 def train_loop_per_worker(cfg: dict) -> dict:
     """Runs in every Ray Train worker."""
-    import os
-
     import ray.train
     import torch
     from pytorch_lightning.callbacks import EarlyStopping
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
     opt = cfg["optimization"]
     module = copy.deepcopy(cfg["module"])
     train_loader, val_loader = _loaders(cfg)
