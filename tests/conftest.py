@@ -36,3 +36,16 @@ def config():
 def runtime(spark, config, tmp_path) -> Runtime:
     """A local runtime on the shared Sail server with its own table root."""
     return Runtime(config=config, spark=spark, kind="local", root=tmp_path / "root")
+
+
+@pytest.fixture(scope="module")
+def ingested_runtime(spark, tmp_path_factory):
+    """A runtime over a small ingested synthetic dataset, shared by one test module."""
+    from lakevision.data.ingest import run_ingest
+    from lakevision.data.synthetic import generate_dataset
+
+    base = tmp_path_factory.mktemp("ingested")
+    ds = generate_dataset(base / "data", num_images=40, seed=31, image_size=(128, 160))
+    rt = Runtime(config=load_config(CONFIG_DIR, "local"), spark=spark, kind="local", root=base / "root")
+    run_ingest(rt, str(ds.annotation_file), str(ds.image_dir))
+    return rt

@@ -141,6 +141,8 @@ class EndpointSettings(_Strict):
     instance_type: str = "Standard_DS3_v2"
     min_instances: int = Field(1, ge=0)
     max_instances: int = Field(5, gt=0)
+    scale_to_zero: bool = True
+    ready_timeout_minutes: float = Field(20, gt=0, description="wait for a config update to finish")
 
     @model_validator(mode="after")
     def _ordered(self) -> EndpointSettings:
@@ -155,9 +157,43 @@ class MonitoringSettings(_Strict):
     metrics: list[Literal["latency", "throughput", "error_rate"]] = ["latency", "throughput", "error_rate"]
 
 
+class CanarySettings(_Strict):
+    traffic_percentage: int = Field(10, ge=1, le=100, description="share of requests the new version gets first")
+    smoke_requests: int = Field(20, ge=1, description="requests sent through the SDK before promoting")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="share of failed smoke requests that still passes")
+    max_p99_latency_ms: float | None = Field(None, gt=0, description="null: no latency check")
+
+
+class ServingSettings(_Strict):
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="larger images are refused with HTTP 400")
+    max_batch_size: int = Field(64, gt=0, description="images per request")
+    score_threshold: float = Field(0.05, ge=0, le=1, description="detections below this score are dropped")
+    mask_threshold: float = Field(0.5, gt=0, lt=1)
+    exports: list[Literal["torchscript", "onnx"]] = ["torchscript", "onnx"]
+
+
+class WorkspaceSettings(_Strict):
+    """How the SDK reaches the workspace; the token itself never appears in configuration."""
+
+    host: str | None = Field(None, description="null: DATABRICKS_HOST, or the notebook's workspace")
+    secret_scope: str | None = Field(None, description="scope/key of the token when DATABRICKS_TOKEN is unset")
+    secret_key: str | None = None
+    retry_timeout_seconds: int = Field(10, gt=0, le=300, description="give up on an unreachable host after this")
+
+
 class Deployment(_Strict):
+    workspace: WorkspaceSettings = WorkspaceSettings()
     endpoint: EndpointSettings = EndpointSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    # metric -> bound; a minimum, or a maximum for metrics where lower is better (losses, errors)
+    metrics_threshold: dict[str, float] = Field(default_factory=lambda: {"map_50": 0.5})
+    min_improvement_over_champion: float = Field(0.0, description="in the compared metric's own units")
+    compare_metric: str | None = Field(None, description="metric compared with the champion; null: the task's")
+    model_name: str = Field("lakevision_model", pattern=r"^[A-Za-z0-9_.-]+$",
+                            description="registered model; a three-level UC name is built from the target")
+    endpoint_name: str = Field("lakevision", pattern=r"^[A-Za-z0-9_-]{1,63}$")
+    canary: CanarySettings = CanarySettings()
+    serving: ServingSettings = ServingSettings()
 
 
 class DeploymentConfig(_Strict):

@@ -189,5 +189,8 @@ class ExperimentTracker:
         self._mlflow.log_input(dataset, context=split)
         self._mlflow.set_tags({"data.table": table, "data.version": str(version)})
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self._mlflow.log_dict(data, artifact_file)

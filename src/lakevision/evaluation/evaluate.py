@@ -40,10 +40,15 @@ def _load_model(model_uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from lakevision.packaging.pyfunc import load_image_model
+
     try:
         info = mlflow.models.get_model_info(model_uri)
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except (MlflowException, OSError) as exc:
+        if "pytorch" in info.flavors:
+            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        else:  # the serving pyfunc that training logs: evaluate the torch module inside it
+            model = load_image_model(model_uri).model
+    except (MlflowException, OSError, AttributeError) as exc:
         raise ModelLoadError(f"{model_uri}: cannot load the model: {exc}") from None
     return model.eval(), info
 
@@ -227,7 +232,8 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
         for path, fig in figures.items():
             mlflow.log_figure(fig, path)
         mlflow.log_text(report, "evaluation/report.md")
-        mlflow.set_tags({"evaluation.data_version": str(records.version), "evaluation.model_uri": model_uri})
+        mlflow.set_tags({"evaluation.data_version": str(records.version), "evaluation.model_uri": model_uri,
+                         "evaluation.task": task})
         run_id = mlflow.active_run().info.run_id
     ref = rt.table(PREDICTIONS_TABLE)
     frame = _predictions_frame(model_uri, records, preds, task)
@@ -269,3 +275,38 @@ def _dense_task(model, records: SplitRecords, task: str, semantic: bool, params:
     y_pred = np.array([p["label"] for p in preds])
     metrics = cm.compute_metrics(np.array(ys), y_pred, np.stack(probs))
     return metrics, preds, {"evaluation/confusion_matrix.png": cm.plot_confusion_matrix(np.array(ys), y_pred, names)}
+
+
+def comparison_figure(rt: Runtime, model_uris: dict[str, str], data_version: int, max_images: int = 4):
+    """The stored test-split predictions of several models side by side on the same images (one
+    row per image, one column per model), e.g. a challenger and the champion it must beat."""
+    from pyspark.sql import functions as F
+
+    from lakevision.training.dataset import load_rgb
+
+    records = load_split(rt, "test", data_version)
+    names = dict(zip(records.category_ids, records.category_names))
+    rows = (delta.read_table(rt.spark, rt.table(PREDICTIONS_TABLE))
+            .filter(F.col("model_uri").isin(list(model_uris.values())) & (F.col("data_version") == data_version))
+            .select("model_uri", "image_id", "prediction").collect())
+    preds = {(r["model_uri"], int(r["image_id"])): json.loads(r["prediction"]) for r in rows}
+    path_of = {int(a["image_id"]): p for a, p in zip(records.annotations, records.image_paths)}
+    common = sorted(set.intersection(*({i for u2, i in preds if u2 == u} for u in model_uris.values())))
+    picks = [i for i in common if i in path_of][:max_images]
+    if not picks:
+        raise DataError(f"no test image has stored predictions of every model in {sorted(model_uris.values())} "
+                        f"at data version {data_version}")
+    fig, axes = new_figure(len(picks), len(model_uris), (4 * len(model_uris), 3.6 * len(picks)))
+    for r, image_id in enumerate(picks):
+        image = load_rgb(path_of[image_id])
+        for c, (label, uri) in enumerate(model_uris.items()):
+            p = preds[(uri, image_id)]
+            if "label" in p:  # classification stores the class index; semantic masks are not stored (-1)
+                k = p["label"]
+                title = f"{label}: {records.category_names[k] if 0 <= k < len(records.category_names) else 'n/a'}"
+                _draw(axes[r, c], image, None, None, names, title)
+                continue
+            pred = {"boxes": np.asarray(p["boxes"]).reshape(-1, 4), "labels": p["labels"], "scores": p["scores"]}
+            _draw(axes[r, c], image, None, pred, names, f"{label}: image {image_id}")
+    fig.suptitle("predictions on the same test images (boxes: score >= 0.5)")
+    return fig

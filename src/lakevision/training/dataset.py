@@ -38,11 +38,17 @@ class ImageLoadError(LakevisionError, RuntimeError):
     """An image that ingest accepted can no longer be read (changed or removed since)."""
 
 
+def upright_rgb(im: Image.Image) -> np.ndarray:
+    """An opened image as an upright (EXIF-oriented) RGB uint8 array (H, W, 3): the one
+    conversion training, evaluation and serving share."""
+    return np.array(ImageOps.exif_transpose(im).convert("RGB"))  # writable, as torch wants
+
+
 def load_rgb(path: str) -> np.ndarray:
-    """The image as an upright RGB uint8 array (H, W, 3)."""
+    """The image file as an upright RGB uint8 array (H, W, 3)."""
     try:
         with Image.open(path) as im:
-            return np.array(ImageOps.exif_transpose(im).convert("RGB"))  # writable, as torch wants
+            return upright_rgb(im)
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageLoadError(f"{path}: cannot load image: {exc}") from exc
 

@@ -8,6 +8,7 @@ lineage, per-epoch metrics and the best checkpoint's model to MLflow.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,12 +16,18 @@ import torch
 from lakevision.errors import DataError
 from lakevision.runtime import Runtime
 from lakevision.tracking import ExperimentTracker
-from lakevision.training.dataset import load_split
+from lakevision.packaging.exports import log_exports
+from lakevision.packaging.pyfunc import ServingSpec, log_image_model
+from lakevision.training.dataset import SplitRecords, load_rgb, load_split
 from lakevision.training.models import build_model, is_semantic
 from lakevision.training.module import BaseModel
 from lakevision.training.ray_trainer import BEST_METRIC, RayTrainer
 
 log = logging.getLogger(__name__)
+
+MODEL_URI_TAG = "lakevision.model_uri"
+TASK_TAG = "lakevision.task"
+_EXPORT_SAMPLES = 2  # validation images each export is compared with the eager model on
 
 
 def run_training(rt: Runtime, task: str | None = None, data_version: int | None = None,
@@ -61,13 +68,12 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
                                 "run_id": tracker.run_id, "log_to_driver": log_to_driver})
         state = torch.load(result["checkpoint_path"], map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
-        size = settings.data.image_size
-        example = torch.rand(1, 3, size, size)
-        info = tracker.log_model(module.model.eval(), "model", input_example=example)
+        info, exports = _log_packaged_model(rt, module.model.eval(), task, arch, semantic, train, val)
         best = result["best_metric"]
         if best["value"] is not None:
             tracker.log_metrics({f"best_{best['name']}": best["value"]})
         tracker.log_dict({**result, "model_uri": info.model_uri}, "training_result.json")
+        tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task})
     metric, _ = BEST_METRIC["semantic" if semantic else task]
     final = {k: v[-1] for k, v in result["metrics_history"].items() if v}
     return {
@@ -82,4 +88,20 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         "data_table": train.table,
         "checkpoint_path": result["checkpoint_path"],
         "cluster": result["cluster"],
+        "exports": {c.format: c.passed for c in exports},
     }
+
+
+def _log_packaged_model(rt: Runtime, model: torch.nn.Module, task: str, arch: str, semantic: bool,
+                        train: SplitRecords, val: SplitRecords):
+    """The serving pyfunc (with a real validation image as its input example) and the checked
+    TorchScript/ONNX exports, into the active run."""
+    serving = rt.config.deployment.deployment.serving
+    spec = ServingSpec(task=task, semantic=semantic, image_size=rt.config.training.training.data.image_size,
+                       category_ids=train.category_ids, category_names=train.category_names,
+                       score_threshold=serving.score_threshold, mask_threshold=serving.mask_threshold,
+                       max_image_pixels=serving.max_image_pixels, max_batch_size=serving.max_batch_size,
+                       architecture=arch)
+    info = log_image_model(model, spec, Path(val.image_paths[0]).read_bytes())
+    samples = [load_rgb(p) for p in val.image_paths[:_EXPORT_SAMPLES]]
+    return info, log_exports(model, spec, samples, list(serving.exports))

@@ -1,0 +1,46 @@
+"""Real MLflow runs with real lakevision models, logged the way the train job logs them, for the
+registry and serving tests (which test what happens after training, not training itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import torch
+
+from lakevision.packaging.pyfunc import ServingSpec, log_image_model
+from lakevision.tracking import ExperimentTracker
+from lakevision.training.dataset import SplitRecords, load_split
+from lakevision.training.models import build_model
+from lakevision.training.train import MODEL_URI_TAG, TASK_TAG
+
+IMAGE_SIZE = 64  # small: these models are untrained, only their plumbing matters
+
+
+def spec_for(records: SplitRecords, task: str = "classification", arch: str = "resnet18") -> ServingSpec:
+    return ServingSpec(task=task, semantic=arch.startswith("deeplab"), image_size=IMAGE_SIZE,
+                       category_ids=records.category_ids, category_names=records.category_names,
+                       max_image_pixels=200 * 200, max_batch_size=8, architecture=arch)
+
+
+def log_trained_model(runtime, seed: int, task: str = "classification", arch: str = "resnet18",
+                      best_metric: float | None = None, load_fails: bool = False) -> tuple[str, str]:
+    """A run like the train job's: params, tags, the serving pyfunc. Returns (model_uri, run_id).
+    ``load_fails`` logs a model whose weights file is not a model (it fails when served)."""
+    records = load_split(runtime, ["train", "val", "test"])
+    torch.manual_seed(seed)
+    n = len(records.category_ids) + (0 if task == "classification" else 1)
+    model = build_model(task, arch, n, "none", IMAGE_SIZE, 64, 100).eval()
+    tracker = ExperimentTracker("lakevision", tracking_uri=runtime.tracking_uri, registry_uri=runtime.registry_uri)
+    with tracker:
+        tracker.log_parameters({"task": task, "training": {"data": {"image_size": IMAGE_SIZE}}})
+        info = log_image_model(model, spec_for(records, task, arch), Path(records.image_paths[0]).read_bytes())
+        if load_fails:
+            # overwrite the stored weights with garbage: the version registers, but cannot load
+            stored = Path(urlparse(mlflow.get_logged_model(info.model_id).artifact_location).path)
+            next(stored.rglob("model.pt")).write_bytes(b"not a model")
+        tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task})
+        if best_metric is not None:
+            tracker.log_metrics({"best_val_acc" if task == "classification" else "best_val_map_50": best_metric})
+    return info.model_uri, tracker.run_id

@@ -1,0 +1,138 @@
+"""The serving pyfunc and its exports, on real logged MLflow models."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from lakevision.packaging.exports import compare_outputs, export_and_check
+from lakevision.packaging.pyfunc import IMAGE_COLUMN, ServingSpec, encode_image, load_image_model
+from lakevision.training.dataset import load_rgb
+from lakevision.training.models import build_model
+
+from .models import log_trained_model
+
+CATS = ([1, 2, 3], ["circle", "square", "triangle"])
+
+
+@pytest.fixture(scope="module")
+def sample_images(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    out = []
+    for i, (h, w) in enumerate([(96, 128), (120, 100)]):
+        path = tmp_path_factory.mktemp("img") / f"{i}.jpg"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+        out.append(path)
+    return out
+
+
+def _jpeg(h: int, w: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 120, 150)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_logged_pyfunc_answers_base64_images_per_task(ingested_runtime, sample_images):
+    runtime = ingested_runtime
+    mlflow.set_tracking_uri(runtime.tracking_uri)
+    frame = pd.DataFrame({IMAGE_COLUMN: [encode_image(p.read_bytes()) for p in sample_images]})
+    for task, arch in [("classification", "resnet18"), ("detection", "fasterrcnn_resnet18_fpn")]:
+        uri, _ = log_trained_model(runtime, seed=1, task=task, arch=arch)
+        info = mlflow.models.get_model_info(uri)
+        assert info.signature.inputs.input_names() == [IMAGE_COLUMN]
+        assert info.saved_input_example_info is not None
+        reqs = (Path(mlflow.artifacts.download_artifacts(uri)) / "requirements.txt").read_text()
+        assert "torch==" in reqs and "torchvision==" in reqs and "pycocotools==" in reqs
+        out = mlflow.pyfunc.load_model(uri).predict(frame)
+        assert len(out) == 2
+        image_model = load_image_model(uri)
+        cats = image_model.spec.category_ids
+        if task == "classification":
+            row = out.iloc[0]
+            assert row["label"] in cats and row["category"] in image_model.spec.category_names
+            assert sum(row["probabilities"]) == pytest.approx(1.0, abs=1e-6)
+            assert row["score"] == pytest.approx(max(row["probabilities"]))
+        else:
+            for row, path in zip(out.itertuples(), sample_images):
+                h, w = load_rgb(str(path)).shape[:2]
+                boxes = np.asarray(row.boxes).reshape(-1, 4)
+                assert len(boxes) == len(row.labels) == len(row.scores) == len(row.categories)
+                assert set(row.labels) <= set(cats)
+                assert all(s >= image_model.spec.score_threshold for s in row.scores)
+                assert (boxes[:, [0, 2]] <= w + 1e-3).all() and (boxes[:, [1, 3]] <= h + 1e-3).all()
+        # one image alone gets the same answer as inside a batch (to float32 rounding of batched kernels)
+        alone = mlflow.pyfunc.load_model(uri).predict(frame.iloc[1:]).iloc[0]
+        for key, value in out.iloc[1].items():
+            if key in ("probabilities", "score", "boxes", "scores"):
+                assert np.allclose(np.asarray(alone[key]), np.asarray(value), atol=1e-5), key
+            else:
+                assert alone[key] == value, key
+
+
+def test_instance_masks_come_back_as_rle(sample_images):
+    from pycocotools import mask as mask_utils
+
+    from lakevision.packaging.pyfunc import ImageModel
+
+    torch.manual_seed(0)
+    model = build_model("segmentation", "maskrcnn_resnet18_fpn", 4, "none", 128, 64, 100)
+    spec = ServingSpec("segmentation", False, 128, *CATS, score_threshold=0.0)
+    out = ImageModel(model, spec).predict_images([load_rgb(str(sample_images[0]))])
+    row = out.iloc[0]
+    assert len(row["masks"]) == len(row["boxes"]) > 0
+    decoded = mask_utils.decode({"size": row["masks"][0]["size"], "counts": row["masks"][0]["counts"].encode()})
+    assert decoded.shape == (96, 128)
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({IMAGE_COLUMN: ["%%% not base64 %%%"]}, "row 0: `image` is not valid base64"),
+    ({IMAGE_COLUMN: [encode_image(b"GIF89a but not really an image")]}, "row 0: `image` is not an image"),
+    ({IMAGE_COLUMN: [encode_image(_jpeg(10, 10)), encode_image(_jpeg(300, 300))]},
+     "row 1: image is 300x300 = 90,000 pixels, more than the limit of 40,000"),
+    ({IMAGE_COLUMN: []}, "empty batch"),
+    ({IMAGE_COLUMN: [encode_image(_jpeg(10, 10))] * 9}, "9 images in one request; the limit is 8"),
+])
+def test_bad_requests_raise_invalid_parameter(ingested_runtime, payload, message):
+    from .models import spec_for
+    from lakevision.packaging.pyfunc import ImageModel
+    from lakevision.training.dataset import load_split
+
+    spec = spec_for(load_split(ingested_runtime, "test"))
+    model = ImageModel(build_model("classification", "resnet18", 3, "none"), spec)
+    with pytest.raises(MlflowException, match=message) as err:
+        model.predict_frame(pd.DataFrame(payload))
+    assert err.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("task, arch", [("classification", "resnet18"), ("detection", "fasterrcnn_resnet18_fpn"),
+                                        ("segmentation", "deeplabv3_mobilenet_v3_large")])
+def test_exports_match_the_eager_model(tmp_path, sample_images, task, arch):
+    torch.manual_seed(0)
+    n = 3 if task == "classification" else 4
+    model = build_model(task, arch, n, "none", 128, 64, 100)
+    spec = ServingSpec(task, arch.startswith("deeplab"), 128, *CATS, architecture=arch)
+    samples = [load_rgb(str(p)) for p in sample_images]
+    checks = export_and_check(model, spec, samples, tmp_path, ["torchscript", "onnx"])
+    assert [c.format for c in checks] == ["torchscript", "onnx"]
+    for c in checks:
+        assert c.passed, c
+        assert (tmp_path / c.file).stat().st_size > 0
+        assert all(c.max_abs_diff[k] <= c.tolerance[k] for k in c.tolerance)
+
+
+def test_parity_check_catches_a_different_model(sample_images):
+    spec = ServingSpec("detection", False, 128, *CATS, score_threshold=0.0)
+    ref = [{"boxes": np.array([[1.0, 2.0, 30.0, 40.0]]), "labels": np.array([1]), "scores": np.array([0.9])}]
+    moved = [{"boxes": np.array([[1.0, 2.0, 30.5, 40.0]]), "labels": np.array([1]), "scores": np.array([0.9])}]
+    relabeled = [{"boxes": ref[0]["boxes"], "labels": np.array([2]), "scores": np.array([0.9])}]
+    assert compare_outputs(ref, ref, spec) == {"boxes": 0.0, "scores": 0.0}
+    assert compare_outputs(ref, moved, spec)["boxes"] == pytest.approx(0.5)
+    assert compare_outputs(ref, relabeled, spec)["boxes"] == float("inf")
