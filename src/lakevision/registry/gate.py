@@ -1,0 +1,229 @@
+"""The metric gate: may this model be registered and deployed?
+
+The challenger and the current champion are scored on the same test split at the same Delta
+version (an evaluation already logged for that model and version is reused, not recomputed).
+The gate passes only if every threshold holds and the challenger beats the champion's compared
+metric by ``min_improvement_over_champion``; with no champion yet the thresholds decide alone.
+Passing registers the version (once, however often the job is retried) and points
+``challenger`` at it; failing registers and aliases nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lakevision import delta
+from lakevision.errors import LakevisionError
+from lakevision.registry.model_registry import CHALLENGER, CHAMPION, ModelRegistry
+from lakevision.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# The metric a challenger must beat the champion on, by task, when the config names none.
+COMPARE_METRIC = {"classification": ("accuracy",), "detection": ("map_50",),
+                  "segmentation": ("segm_map_50", "miou")}
+_LOWER_IS_BETTER = ("loss", "error", "ece", "calibration")
+
+
+class GateFailedError(LakevisionError):
+    """The challenger did not pass; the message lists every failing metric."""
+
+    def __init__(self, report: GateReport):
+        super().__init__(report.message())
+        self.report = report
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in _LOWER_IS_BETTER)
+
+
+@dataclass
+class Check:
+    metric: str
+    value: float | None
+    bound: float
+    kind: str  # "min" or "max"
+    passed: bool
+
+    def describe(self) -> str:
+        op = ">=" if self.kind == "min" else "<="
+        got = "not computed" if self.value is None else f"{self.value:.4f}"
+        return f"{self.metric} = {got} (needs {op} {self.bound:g})"
+
+
+def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) -> list[Check]:
+    """A bound is a minimum, or a maximum for metrics where lower is better."""
+    checks = []
+    for metric, bound in thresholds.items():
+        value = metrics.get(metric)
+        if value is not None and not math.isfinite(value):
+            value = None
+        kind = "max" if lower_is_better(metric) else "min"
+        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
+        checks.append(Check(metric, value, float(bound), kind, ok))
+    return checks
+
+
+@dataclass
+class Comparison:
+    metric: str
+    challenger: float | None
+    champion: float | None
+    min_improvement: float
+    passed: bool
+
+    def describe(self) -> str:
+        better = "lower" if lower_is_better(self.metric) else "higher"
+        return (f"{self.metric}: challenger {self.challenger} vs champion {self.champion}; needs to be "
+                f"{better} by at least {self.min_improvement:g}")
+
+
+def compare_with_champion(challenger: dict[str, float], champion: dict[str, float], metric: str,
+                          min_improvement: float) -> Comparison:
+    a, b = challenger.get(metric), champion.get(metric)
+    ok = a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+    if ok:
+        gain = (b - a) if lower_is_better(metric) else (a - b)
+        ok = gain >= min_improvement - 1e-12
+    return Comparison(metric, a, b, min_improvement, ok)
+
+
+@dataclass
+class GateReport:
+    model_uri: str
+    task: str
+    data_version: int
+    metrics: dict[str, float]
+    checks: list[Check]
+    champion: dict[str, Any] | None = None  # {"version", "model_uri", "metrics"}
+    comparison: Comparison | None = None
+    registered: dict[str, Any] | None = None  # {"name", "version", "created"}
+    artifacts: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks) and (self.comparison is None or self.comparison.passed)
+
+    def failures(self) -> list[str]:
+        out = [c.describe() for c in self.checks if not c.passed]
+        if self.comparison is not None and not self.comparison.passed:
+            out.append(self.comparison.describe())
+        return out
+
+    def message(self) -> str:
+        if self.passed:
+            return f"gate passed for {self.model_uri} at data version {self.data_version}"
+        return (f"gate failed for {self.model_uri} at data version {self.data_version}: "
+                + "; ".join(self.failures()))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        out["failures"] = self.failures()
+        return out
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
+class MetricGate:
+    def __init__(self, rt: Runtime, model_name: str | None = None, thresholds: dict[str, float] | None = None,
+                 min_improvement: float | None = None, compare_metric: str | None = None):
+        d = rt.config.deployment.deployment
+        self.rt = rt
+        self.registry = ModelRegistry(rt, model_name or d.model_name)
+        self.thresholds = dict(d.metrics_threshold if thresholds is None else thresholds)
+        self.min_improvement = d.min_improvement_over_champion if min_improvement is None else min_improvement
+        self.compare_metric = compare_metric or d.compare_metric
+
+    # ------------------------------------------------------------------ scoring
+    def scores(self, model_uri: str, data_version: int) -> tuple[str, dict[str, float]]:
+        """(task, test metrics) of ``model_uri`` at ``data_version``: from the model's run when
+        the evaluate job already scored it there, else by running the evaluation now."""
+        import mlflow
+        from mlflow import MlflowClient
+
+        from lakevision.evaluation.evaluate import run_evaluation
+
+        info = mlflow.models.get_model_info(model_uri)
+        if info.run_id:
+            run = MlflowClient(self.rt.tracking_uri).get_run(info.run_id)
+            tags = run.data.tags
+            if (tags.get("evaluation.model_uri") == model_uri and tags.get("evaluation.data_version") == str(data_version)
+                    and tags.get("evaluation.task")):
+                log.info("reusing the evaluation of %s at data version %s", model_uri, data_version)
+                metrics = {k.removeprefix("test_"): v for k, v in run.data.metrics.items() if k.startswith("test_")}
+                return tags["evaluation.task"], metrics
+        result = run_evaluation(self.rt, model_uri, data_version=data_version)
+        return result["task"], _finite(result["metrics"])
+
+    def _compare_metric(self, task: str, metrics: dict[str, float]) -> str:
+        if self.compare_metric:
+            return self.compare_metric
+        for name in COMPARE_METRIC[task]:
+            if name in metrics:
+                return name
+        return COMPARE_METRIC[task][0]
+
+    def evaluate(self, model_uri: str, data_version: int | None = None) -> GateReport:
+        """The decision, without registering anything."""
+        if data_version is None:
+            data_version = delta.table_version(self.rt.spark, self.rt.table("samples"))
+        task, metrics = self.scores(model_uri, data_version)
+        report = GateReport(model_uri, task, data_version, metrics, check_thresholds(metrics, self.thresholds))
+        champion = self.registry.by_alias(CHAMPION)
+        if champion is not None and champion.model_uri != model_uri:
+            champ_task, champ_metrics = self.scores(champion.model_uri, data_version)
+            if champ_task != task:
+                raise LakevisionError(f"{self.registry.name}@{CHAMPION} (version {champion.version}) is a {champ_task} "
+                                      f"model; {model_uri} is a {task} model")
+            report.champion = {"version": champion.version, "model_uri": champion.model_uri, "metrics": champ_metrics}
+            report.comparison = compare_with_champion(metrics, champ_metrics, self._compare_metric(task, metrics),
+                                                      self.min_improvement)
+        return report
+
+    # ------------------------------------------------------------------ the gate job
+    def run(self, model_uri: str, data_version: int | None = None) -> GateReport:
+        """Decide; on a pass register the version and point ``challenger`` at it. The report
+        (and the challenger-vs-champion figure) go into the model's run either way."""
+        report = self.evaluate(model_uri, data_version)
+        if report.passed:
+            mv, created = self.registry.register(model_uri, tags=self._version_tags(report))
+            self.registry.set_alias(CHALLENGER, mv.version)
+            report.registered = {"name": mv.name, "version": mv.version, "created": created}
+        self._log(report)
+        return report
+
+    @staticmethod
+    def _version_tags(report: GateReport) -> dict[str, str]:
+        tags = {"gate.decision": "passed", "gate.data_version": str(report.data_version),
+                "gate.champion_version": report.champion["version"] if report.champion else "none"}
+        tags.update({f"gate.metric.{k}": f"{v:.6g}" for k, v in report.metrics.items()})
+        if report.comparison is not None:
+            tags["gate.compared_metric"] = report.comparison.metric
+        return tags
+
+    def _log(self, report: GateReport) -> None:
+        import mlflow
+
+        from lakevision.evaluation.evaluate import comparison_figure
+
+        run_id = mlflow.models.get_model_info(report.model_uri).run_id
+        if not run_id:
+            return
+        client = mlflow.MlflowClient(self.rt.tracking_uri)
+        if report.champion is not None:
+            fig = comparison_figure(self.rt, {"challenger": report.model_uri,
+                                              f"champion v{report.champion['version']}": report.champion["model_uri"]},
+                                    report.data_version)
+            client.log_figure(run_id, fig, "gate/challenger_vs_champion.png")
+            report.artifacts.append("gate/challenger_vs_champion.png")
+        report.artifacts.append("gate/report.json")
+        client.log_text(run_id, json.dumps(report.to_json(), indent=1), "gate/report.json")
+        client.set_tag(run_id, "gate.decision", "passed" if report.passed else "failed")
+
