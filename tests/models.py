@@ -25,9 +25,8 @@ def spec_for(records: SplitRecords, task: str = "classification", arch: str = "r
 
 
 def log_trained_model(runtime, seed: int, task: str = "classification", arch: str = "resnet18",
-                      best_metric: float | None = None, load_fails: bool = False) -> tuple[str, str]:
-    """A run like the train job's: params, tags, the serving pyfunc. Returns (model_uri, run_id).
-    ``load_fails`` logs a model whose weights file is not a model (it fails when served)."""
+                      best_metric: float | None = None) -> tuple[str, str]:
+    """A run like the train job's: params, tags, the serving pyfunc. Returns (model_uri, run_id)."""
     records = load_split(runtime, ["train", "val", "test"])
     torch.manual_seed(seed)
     n = len(records.category_ids) + (0 if task == "classification" else 1)
@@ -36,11 +35,14 @@ def log_trained_model(runtime, seed: int, task: str = "classification", arch: st
     with tracker:
         tracker.log_parameters({"task": task, "training": {"data": {"image_size": IMAGE_SIZE}}})
         info = log_image_model(model, spec_for(records, task, arch), Path(records.image_paths[0]).read_bytes())
-        if load_fails:
-            # overwrite the stored weights with garbage: the version registers, but cannot load
-            stored = Path(urlparse(mlflow.get_logged_model(info.model_id).artifact_location).path)
-            next(stored.rglob("model.pt")).write_bytes(b"not a model")
         tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task})
         if best_metric is not None:
             tracker.log_metrics({"best_val_acc" if task == "classification" else "best_val_map_50": best_metric})
     return info.model_uri, tracker.run_id
+
+
+def corrupt_weights(model_uri: str) -> None:
+    """Overwrite a logged model's stored weights: a registered version that then fails to load."""
+    model_id = model_uri.removeprefix("models:/")
+    stored = Path(urlparse(mlflow.get_logged_model(model_id).artifact_location).path)
+    next(stored.rglob("model.pt")).write_bytes(b"not a model")

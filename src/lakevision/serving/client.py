@@ -1,0 +1,78 @@
+"""One way to build a ``WorkspaceClient``: a real workspace or the local one, only host and token differ.
+
+The SDK retries a refused connection for five minutes by default; a short
+``retry_timeout_seconds`` makes an unreachable host fail fast with a message that names it.
+Tokens come from the caller, ``DATABRICKS_TOKEN`` or a Databricks secret scope, and are never
+logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+from lakevision.errors import LakevisionError
+
+DEFAULT_RETRY_TIMEOUT_S = 10
+
+
+class WorkspaceUnreachableError(LakevisionError, ConnectionError):
+    """The workspace host does not answer."""
+
+
+class WorkspaceAuthError(LakevisionError, PermissionError):
+    """No token, or the workspace refused it."""
+
+
+def secret_token(scope: str, key: str) -> str:
+    """A token from a Databricks secret scope (only where ``dbutils`` exists: a notebook or job)."""
+    try:
+        from databricks.sdk.runtime import dbutils
+    except ImportError as exc:
+        raise WorkspaceAuthError(f"secret {scope}/{key}: dbutils is not available here ({exc})") from None
+    return dbutils.secrets.get(scope=scope, key=key)
+
+
+def resolve_token(token: str | None = None, scope: str | None = None, key: str | None = None) -> str | None:
+    """The explicit token, else ``DATABRICKS_TOKEN``, else the secret ``scope/key``; None lets the
+    SDK use the runtime's own credentials (a notebook or job on Databricks)."""
+    if token:
+        return token
+    if os.environ.get("DATABRICKS_TOKEN"):
+        return os.environ["DATABRICKS_TOKEN"]
+    if scope and key:
+        return secret_token(scope, key)
+    return None
+
+
+def _check_reachable(host: str, timeout_s: float) -> None:
+    """Fail in ``timeout_s`` instead of the SDK's 5 minutes of retries on a dead host."""
+    url = urlparse(host if "://" in host else f"https://{host}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise WorkspaceUnreachableError(
+            f"workspace {url.scheme}://{url.hostname}:{port} is unreachable: {exc}"
+        ) from None
+
+
+def workspace_client(host: str | None = None, token: str | None = None,
+                     retry_timeout_seconds: int = DEFAULT_RETRY_TIMEOUT_S):
+    """A ``WorkspaceClient`` for ``host`` (None: the SDK's default auth, e.g. inside Databricks)."""
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.config import Config
+
+    if host:
+        _check_reachable(host, min(retry_timeout_seconds, 10))
+    kwargs = {"host": host, "token": token, "retry_timeout_seconds": retry_timeout_seconds}
+    if token:
+        kwargs["auth_type"] = "pat"
+    try:
+        cfg = Config(**{k: v for k, v in kwargs.items() if v is not None})
+    except ValueError as exc:
+        # the SDK's message lists the auth methods it tried; the token itself is never in it
+        raise WorkspaceAuthError(f"cannot authenticate to {host or 'the default workspace'}: {exc}") from None
+    return WorkspaceClient(config=cfg)

@@ -1,0 +1,181 @@
+"""DeploymentPipeline: best run -> metric gate -> registry -> canary -> smoke test -> promote or roll back.
+
+Every step talks to the real services: MLflow for runs and the registry, Spark/Delta for the
+test images, and the serving endpoint through the Databricks SDK (a workspace or the local one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from lakevision.errors import LakevisionError
+from lakevision.registry.gate import MetricGate
+from lakevision.registry.model_registry import ModelRegistry, registered_name
+from lakevision.runtime import Runtime
+from lakevision.serving.model_server import DeploymentError, ModelServer, entity_name
+
+log = logging.getLogger(__name__)
+
+# the training run's headline validation metric per task, as logged by the train job
+_BEST_RUN_METRIC = {"classification": "best_val_acc", "detection": "best_val_map_50",
+                    "segmentation": "best_val_map_50"}
+_SMOKE_IMAGES = 8
+_MAX_SMOKE_FACTOR = 10  # at most this many times smoke_requests while waiting for the canary's share
+
+
+class NoRunError(LakevisionError, LookupError):
+    pass
+
+
+class DeploymentPipeline:
+    def __init__(self, workspace_url: str | None, token: str | None, model_name: str, experiment_name: str,
+                 *, runtime: Runtime, task: str | None = None, server: ModelServer | None = None):
+        self.rt = runtime
+        self.settings = runtime.config.deployment.deployment
+        self.model_name = registered_name(runtime, model_name)
+        self.experiment_name = experiment_name
+        self.task = task or runtime.config.training.training.task
+        self.server = server or ModelServer(
+            workspace_url, token, self.model_name,
+            retry_timeout_seconds=self.settings.workspace.retry_timeout_seconds,
+            timeout_minutes=self.settings.endpoint.ready_timeout_minutes)
+
+    # ------------------------------------------------------------------ steps
+    def best_run(self) -> dict[str, Any]:
+        """The finished training run of ``task`` with the best headline validation metric."""
+        from mlflow import MlflowClient
+
+        from lakevision.training.train import MODEL_URI_TAG, TASK_TAG
+
+        client = MlflowClient(self.rt.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            raise NoRunError(f"experiment {self.experiment_name!r} does not exist; run `lakevision train` first")
+        metric = _BEST_RUN_METRIC[self.task]
+        runs = client.search_runs([exp.experiment_id],
+                                  filter_string=f"attributes.status = 'FINISHED' and tags.`{TASK_TAG}` = '{self.task}'",
+                                  order_by=[f"metrics.{metric} DESC"], max_results=1)
+        if not runs or MODEL_URI_TAG not in runs[0].data.tags:
+            raise NoRunError(f"experiment {self.experiment_name!r} has no finished {self.task} training run with a model")
+        run = runs[0]
+        return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "metric": metric,
+                "value": run.data.metrics.get(metric)}
+
+    def smoke_images(self) -> list[str]:
+        """Test-split images of the gold table, base64 as a caller sends them."""
+        from pathlib import Path
+
+        from lakevision.packaging.pyfunc import encode_image
+        from lakevision.training.dataset import load_split
+
+        paths = load_split(self.rt, "test").image_paths[:_SMOKE_IMAGES]
+        if not paths:
+            raise DeploymentError("the gold test split has no images to smoke-test the endpoint with")
+        return [encode_image(Path(p).read_bytes()) for p in paths]
+
+    def smoke_test(self, endpoint: str, new_entity: str, share: int, images: list[str]) -> dict[str, Any]:
+        """Requests through the SDK's query call until the new version has answered its share of
+        ``smoke_requests``; healthy when errors and latency stay within the canary settings."""
+        c = self.settings.canary
+        need = max(1, math.ceil(c.smoke_requests * share / 100))
+        sent = errors = answered_by_new = 0
+        failures: list[str] = []
+        latencies = []
+        while sent < c.smoke_requests or (answered_by_new < need and sent < c.smoke_requests * _MAX_SMOKE_FACTOR):
+            t0 = time.perf_counter()
+            try:
+                preds, served_by = self.server.query(endpoint, [images[sent % len(images)]])
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if not preds:
+                    raise DeploymentError("empty predictions")
+                answered_by_new += served_by == new_entity
+            except Exception as exc:  # any failed request counts against the canary
+                errors += 1
+                failures.append(f"{type(exc).__name__}: {exc}"[:300])
+            sent += 1
+        status = self.server.monitor_endpoint(endpoint)
+        mine = status["metrics"]["per_entity"].get(new_entity, {})
+        error_rate = errors / sent
+        p99 = mine.get("latency_p99_ms")
+        problems = []
+        if error_rate > c.max_error_rate:
+            problems.append(f"{errors}/{sent} smoke requests failed (max error rate {c.max_error_rate:g})")
+        if (mine.get("error_rate") or 0.0) > c.max_error_rate:
+            problems.append(f"{new_entity} error rate {mine['error_rate']:.3f} in the endpoint's metrics")
+        if answered_by_new < need:
+            problems.append(f"{new_entity} answered {answered_by_new} of {sent} requests, fewer than {need}")
+        if c.max_p99_latency_ms is not None and p99 is not None and p99 > c.max_p99_latency_ms:
+            problems.append(f"{new_entity} p99 latency {p99:.1f} ms > {c.max_p99_latency_ms:g} ms")
+        return {"requests": sent, "errors": errors, "answered_by_new": answered_by_new,
+                "client_p50_ms": _percentile(latencies, 50), "client_p99_ms": _percentile(latencies, 99),
+                "endpoint_metrics": mine, "healthy": not problems, "problems": problems, "failures": failures[:5]}
+
+    # ------------------------------------------------------------------ the pipeline
+    def run_pipeline(self, metrics_threshold: dict[str, float], endpoint_name: str | None = None, *,
+                     model_uri: str | None = None, traffic_percentage: int | None = None) -> dict[str, Any]:
+        """Gate the best run's model (or ``model_uri``), register it, deploy it as a canary,
+        smoke-test it and promote it to all traffic, or roll back. The report says which."""
+        endpoint = endpoint_name or self.settings.endpoint_name
+        report: dict[str, Any] = {"model_name": self.model_name, "endpoint": endpoint, "status": None}
+        if model_uri is None:
+            report["best_run"] = self.best_run()
+            model_uri = report["best_run"]["model_uri"]
+        gate = MetricGate(self.rt, self.model_name, thresholds=metrics_threshold).run(model_uri)
+        report["gate"] = gate.to_json()
+        if not gate.passed:
+            report["status"] = "gate_failed"
+            return report
+        version = gate.registered["version"]
+        report["deployment"] = self.deploy(endpoint, version, traffic_percentage)
+        report["status"] = report["deployment"]["status"]
+        if report["status"] == "deployed":
+            old = ModelRegistry(self.rt, self.model_name).promote(version)
+            report["champion"] = {"version": version, "previous": old.version if old else None}
+        report["endpoint_state"] = self.server.monitor_endpoint(endpoint) if self.server.exists(endpoint) else None
+        return report
+
+    def deploy(self, endpoint: str, version: str, traffic_percentage: int | None = None) -> dict[str, Any]:
+        """Canary ``version`` on ``endpoint`` (or create the endpoint), smoke-test, then promote
+        to 100% or restore the previous configuration."""
+        share = traffic_percentage or self.settings.canary.traffic_percentage
+        new = entity_name(self.model_name, version)
+        ep = self.settings.endpoint
+        images = self.smoke_images()
+        self.server.model_version = version
+        if not self.server.exists(endpoint):
+            self.server.create_endpoint(endpoint, ep.instance_type, ep.min_instances, ep.max_instances, ep.scale_to_zero)
+            smoke = self.smoke_test(endpoint, new, 100, images)
+            if not smoke["healthy"]:
+                # a new endpoint has no earlier configuration to go back to
+                self.server.delete_endpoint(endpoint)
+                return {"status": "rolled_back", "action": "created_then_deleted", "version": version, "smoke": smoke}
+            return {"status": "deployed", "action": "created", "version": version, "steps": [100], "smoke": smoke}
+        before = self.server.snapshot(endpoint)
+        if [r["served_entity_name"] for r in before.routes if r["traffic_percentage"] == 100] == [new]:
+            return {"status": "deployed", "action": "already_serving", "version": version, "steps": []}
+        steps = []
+        try:
+            self.server.update_endpoint(endpoint, version, share)
+            steps.append(share)
+            smoke = self.smoke_test(endpoint, new, share, images)
+        except DeploymentError as exc:
+            smoke = {"healthy": False, "problems": [str(exc)]}
+        if not smoke["healthy"]:
+            self.server.restore(endpoint, before)
+            return {"status": "rolled_back", "action": "canary_rolled_back", "version": version, "steps": steps,
+                    "smoke": smoke, "restored": before.routes}
+        if share < 100:
+            self.server.update_endpoint(endpoint, version, 100)
+            steps.append(100)
+        return {"status": "deployed", "action": "canary_promoted", "version": version, "steps": steps, "smoke": smoke}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(values, q))

@@ -1,0 +1,171 @@
+"""ModelServer and DeploymentPipeline: the real databricks-sdk over real HTTP against the local
+workspace, serving real lakevision models from the MLflow registry."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+from databricks.sdk.errors import BadRequest
+from PIL import Image
+
+from lakevision.config import load_config
+from lakevision.packaging.pyfunc import IMAGE_COLUMN, encode_image
+from lakevision.registry.gate import MetricGate
+from lakevision.registry.model_registry import CHAMPION, PREVIOUS_CHAMPION, ModelRegistry
+from lakevision.runtime import Runtime
+from lakevision.serving.client import WorkspaceAuthError, WorkspaceUnreachableError
+from lakevision.serving.model_server import DeploymentError, ModelServer, workload_for
+from lakevision.serving.pipeline import DeploymentPipeline
+from lakevision.serving.workspace import LocalWorkspace
+from lakevision.training.dataset import load_split
+
+from .conftest import CONFIG_DIR
+from .models import corrupt_weights, log_trained_model
+
+TOKEN = "local-test-token"
+NAME = "deploy_test_model"
+
+
+@pytest.fixture(scope="module")
+def workspace(ingested_runtime):
+    ws = LocalWorkspace(ingested_runtime.root, TOKEN)
+    url = ws.start()
+    yield url
+    ws.stop()
+
+
+@pytest.fixture(scope="module")
+def images(ingested_runtime):
+    return [encode_image(Path(p).read_bytes()) for p in load_split(ingested_runtime, "test").image_paths]
+
+
+def _runtime(rt: Runtime, *overrides: str) -> Runtime:
+    cfg = load_config(CONFIG_DIR, "local", ["deployment.canary.smoke_requests=10", *overrides])
+    return Runtime(config=cfg, spark=rt.spark, kind="local", root=rt.root)
+
+
+def _routes(server: ModelServer, endpoint: str) -> dict[str, int]:
+    return {r["served_entity_name"]: r["traffic_percentage"] for r in server.monitor_endpoint(endpoint)["routes"]}
+
+
+def test_unreachable_host_fails_fast_with_the_host_in_the_message():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        t0 = time.monotonic()
+        with pytest.raises(WorkspaceUnreachableError, match=f"127.0.0.1:{port} is unreachable"):
+            ModelServer(f"http://127.0.0.1:{port}", TOKEN, NAME)
+    assert time.monotonic() - t0 < 15
+
+
+def test_a_wrong_token_is_refused(workspace):
+    with pytest.raises(WorkspaceAuthError, match="refused the token"):
+        ModelServer(workspace, "not-the-token", NAME).exists("anything")
+    assert requests.get(f"{workspace}/api/2.0/serving-endpoints", timeout=10).status_code == 401
+
+
+def test_workload_follows_the_instance_settings():
+    assert workload_for("Standard_DS3_v2", 1) == {"workload_size": "Small", "workload_type": "CPU"}
+    assert workload_for("Standard_DS3_v2", 4) == {"workload_size": "Medium", "workload_type": "CPU"}
+    assert workload_for("Standard_NC6s_v3", 5) == {"workload_size": "Large", "workload_type": "GPU_LARGE"}
+    assert workload_for("g5.xlarge", 1)["workload_type"] == "GPU_SMALL"
+
+
+def test_canary_routing_monitoring_and_bad_payloads(ingested_runtime, workspace, images):
+    rt = ingested_runtime
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    name = "canary_model"
+    registry = ModelRegistry(rt, name)
+    versions = [registry.register(log_trained_model(rt, seed=s)[0])[0].version for s in (11, 12)]
+    server = ModelServer(workspace, TOKEN, name, versions[0])
+    assert server.create_endpoint("canary", "Standard_DS3_v2", 0, 1) == "canary"
+    server.update_endpoint("canary", versions[1], 10)
+    old, new = f"{name}-{versions[0]}", f"{name}-{versions[1]}"
+    assert _routes(server, "canary") == {old: 90, new: 10}
+
+    served = [server.query("canary", [images[i % len(images)]])[1] for i in range(1000)]
+    assert set(served) == {old, new}
+    assert 0.07 <= served.count(new) / 1000 <= 0.13
+    status = server.monitor_endpoint("canary")
+    assert status["state"] == {"ready": "READY", "config_update": "NOT_UPDATING"}
+    per = status["metrics"]["per_entity"]
+    # the metrics cover the last minute, as Databricks' do: at most what was sent, and some of it
+    assert 0 < per[new]["requests"] <= served.count(new) and 0 < per[old]["requests"] <= served.count(old)
+    assert status["metrics"]["error_rate"] == 0.0
+    assert 0 < per[old]["latency_p50_ms"] <= per[old]["latency_p99_ms"]
+    assert {e["scale_to_zero_enabled"] for e in status["served_entities"]} == {True}
+
+    url, auth = f"{workspace}/serving-endpoints/canary/invocations", {"Authorization": f"Bearer {TOKEN}"}
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, "PNG")  # the test models allow 200 x 200 pixels
+    bad = {
+        "wrong column": ({"dataframe_records": [{"picture": images[0]}]}, "image"),
+        "not base64": ({"dataframe_records": [{IMAGE_COLUMN: "%%%"}]}, "not valid base64"),
+        "not an image": ({"dataframe_records": [{IMAGE_COLUMN: encode_image(b"hello")}]}, "not an image"),
+        "empty batch": ({"dataframe_split": {"columns": [IMAGE_COLUMN], "data": []}}, "empty batch"),
+        "too many images": ({"dataframe_records": [{IMAGE_COLUMN: images[0]}] * 9}, "the limit is 8"),
+        "too many pixels": ({"dataframe_records": [{IMAGE_COLUMN: encode_image(buf.getvalue())}]},
+                            "300x300 = 90,000 pixels, more than the limit of 40,000"),
+    }
+    for what, (body, message) in bad.items():
+        r = requests.post(url, json=body, headers=auth, timeout=30)
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        assert message in r.text, (what, r.text)
+    with pytest.raises(BadRequest, match="not valid base64"):
+        server.query("canary", ["%%%"])
+    server.delete_endpoint("canary")
+
+
+def test_pipeline_creates_canaries_promotes_refuses_and_rolls_back(ingested_runtime, workspace):
+    rt = _runtime(ingested_runtime, "deployment.min_improvement_over_champion=-1")
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    registry = ModelRegistry(rt, NAME)
+    first, _ = log_trained_model(rt, seed=1, best_metric=0.5)
+    pipeline = DeploymentPipeline(workspace, TOKEN, NAME, "lakevision", runtime=rt, task="classification")
+    report = pipeline.run_pipeline({"accuracy": 0.0}, "pipeline-ep")
+    assert report["best_run"]["model_uri"] == first and report["status"] == "deployed"
+    assert report["deployment"]["action"] == "created" and report["deployment"]["smoke"]["healthy"]
+    assert report["champion"] == {"version": "1", "previous": None}
+    assert report["endpoint_state"]["routes"] == [{"served_entity_name": f"{NAME}-1", "traffic_percentage": 100}]
+
+    second, _ = log_trained_model(rt, seed=2, best_metric=0.9)
+    report = pipeline.run_pipeline({"accuracy": 0.0}, "pipeline-ep")
+    assert report["best_run"]["model_uri"] == second  # the better validation metric wins
+    dep = report["deployment"]
+    assert dep["action"] == "canary_promoted" and dep["steps"] == [10, 100]
+    assert dep["smoke"]["answered_by_new"] >= 1 and dep["smoke"]["errors"] == 0
+    assert report["champion"] == {"version": "2", "previous": "1"}
+    assert registry.by_alias(PREVIOUS_CHAMPION).version == "1"
+    server = pipeline.server
+    assert _routes(server, "pipeline-ep") == {f"{NAME}-2": 100}
+
+    # a gate failure changes nothing: no version, same endpoint config
+    before = server.monitor_endpoint("pipeline-ep")
+    log_trained_model(rt, seed=3, best_metric=0.95)
+    report = pipeline.run_pipeline({"accuracy": 1.01}, "pipeline-ep")
+    assert report["status"] == "gate_failed" and "accuracy" in " ".join(report["gate"]["failures"])
+    after = server.monitor_endpoint("pipeline-ep")
+    assert after["config_version"] == before["config_version"] and after["routes"] == before["routes"]
+    assert len(mlflow.MlflowClient(rt.tracking_uri).search_model_versions(f"name = '{NAME}'")) == 2
+
+    # a version that registers but cannot load: UPDATE_FAILED, rolled back, v2 still serving
+    broken, _ = log_trained_model(rt, seed=4)
+    version = MetricGate(rt, NAME, thresholds={"accuracy": 0.0}).run(broken).registered["version"]
+    corrupt_weights(broken)
+    result = pipeline.deploy("pipeline-ep", version)
+    assert result["status"] == "rolled_back" and not result["smoke"]["healthy"]
+    assert "UPDATE_FAILED" in " ".join(result["smoke"]["problems"])
+    state = server.monitor_endpoint("pipeline-ep")
+    assert _routes(server, "pipeline-ep") == {f"{NAME}-2": 100}
+    assert state["state"]["ready"] == "READY" and state["state"]["config_update"] == "NOT_UPDATING"
+    preds, served_by = server.query("pipeline-ep", pipeline.smoke_images()[:1])
+    assert served_by == f"{NAME}-2" and preds
+    assert registry.by_alias(CHAMPION).version == "2"
+    with pytest.raises(DeploymentError, match="does not exist"):
+        server.monitor_endpoint("no-such-endpoint")

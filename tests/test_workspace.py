@@ -1,0 +1,393 @@
+"""The local workspace driven by the real databricks-sdk over real HTTP, serving real MLflow models
+from a sqlite registry: life cycle, traffic split, failed updates, metrics, restarts, the CLI process."""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+import pytest
+import requests
+from databricks.sdk.errors import (
+    BadRequest,
+    InvalidParameterValue,
+    NotFound,
+    OperationFailed,
+    ResourceAlreadyExists,
+    ResourceConflict,
+)
+from databricks.sdk.service.serving import (
+    EndpointCoreConfigInput,
+    EndpointTag,
+    Route,
+    ServedEntityInput,
+    ServingEndpointDetailed,
+    TrafficConfig,
+)
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from lakevision.cli import main as cli_main
+from lakevision.serving.client import workspace_client
+from lakevision.serving.endpoint_metrics import parse_endpoint_metrics
+from lakevision.serving.workspace import TOKEN_ENV, LocalWorkspace, local_workspace_process
+from lakevision.tracking import local_tracking_uri
+
+# MLflow's advice to log an input example: these test models need none
+pytestmark = pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")
+
+TOKEN = "local-test-token"
+MODEL = "lakevision.version_model"  # the dot checks the default served entity name
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "image")]))
+V1, V2, BROKEN, SLOW = "1", "2", "3", "4"
+
+
+class VersionModel(mlflow.pyfunc.PythonModel):
+    """Answers which version it is, per input row; ``load_delay_s`` keeps an update in progress."""
+
+    def __init__(self, version: int, load_delay_s: float = 0.0):
+        self.version = version
+        self.load_delay_s = load_delay_s
+
+    def load_context(self, context):
+        time.sleep(self.load_delay_s)
+
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame({"version": [self.version] * len(model_input)})
+
+
+class BrokenModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        raise RuntimeError("this model version cannot load")
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+# pickled by value, so the workspace subprocess can load them without importing this test module
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    uri = local_tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("workspace-test", artifact_location=(root / "artifacts").as_uri())
+    for model in (VersionModel(1), VersionModel(2), BrokenModel(), VersionModel(4, load_delay_s=2.0)):
+        with mlflow.start_run(experiment_id=experiment):
+            mlflow.pyfunc.log_model(name="model", python_model=model, signature=SIGNATURE,
+                                    registered_model_name=MODEL, pip_requirements=["mlflow"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(registry, tmp_path_factory):
+    with LocalWorkspace(tmp_path_factory.mktemp("workspace"), TOKEN, tracking_uri=local_tracking_uri(registry),
+                        seed=7) as ws:
+        yield ws
+
+
+@pytest.fixture(scope="module")
+def w(workspace):
+    return workspace_client(workspace.url, TOKEN, retry_timeout_seconds=5)
+
+
+def entity(version: str) -> ServedEntityInput:
+    return ServedEntityInput(entity_name=MODEL, entity_version=version, workload_size="Small",
+                             scale_to_zero_enabled=True)
+
+
+def config(name: str, *entities: ServedEntityInput, traffic: TrafficConfig | None = None) -> EndpointCoreConfigInput:
+    return EndpointCoreConfigInput(name=name, served_entities=list(entities), traffic_config=traffic)
+
+
+def name_of(version: str) -> str:
+    """The default served entity name: the model name with its dots as dashes, then the version."""
+    return f"lakevision-version_model-{version}"
+
+
+def split(**percent_by_version: int) -> TrafficConfig:
+    return TrafficConfig(routes=[Route(served_entity_name=name_of(v.lstrip("v")), traffic_percentage=p)
+                                 for v, p in percent_by_version.items()])
+
+
+RECORDS = [{"image": "aGVsbG8="}]
+
+
+def served_version(w, name: str) -> tuple[str, int]:
+    response = w.serving_endpoints.query(name, dataframe_records=RECORDS)
+    return response.served_model_name, response.predictions[0]["version"]
+
+
+def raw(workspace, method: str, path: str, token: str | None = TOKEN, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.request(method, f"{workspace.url}{path}", headers=headers, timeout=10, **kwargs)
+
+
+def _without_empty(value):
+    """A JSON value as the SDK's as_dict() writes it back: no nulls, no empty lists."""
+    if isinstance(value, dict):
+        return {k: _without_empty(v) for k, v in value.items() if v is not None and v != []}
+    if isinstance(value, list):
+        return [_without_empty(v) for v in value]
+    return value
+
+
+def test_auth_and_host_metadata(workspace):
+    assert raw(workspace, "GET", "/.well-known/databricks-config", token=None).status_code == 404
+    for token in (None, "wrong-token"):
+        r = raw(workspace, "GET", "/api/2.0/serving-endpoints", token=token)
+        assert r.status_code == 401
+        assert r.json()["error_code"] == "UNAUTHENTICATED"
+        r = raw(workspace, "POST", "/serving-endpoints/any/invocations", token=token, json={})
+        assert r.status_code == 401
+    assert raw(workspace, "GET", "/api/2.0/serving-endpoints").status_code == 200
+
+
+def test_create_get_list_delete(workspace, w):
+    waiter = w.serving_endpoints.create("lifecycle", config=config("lifecycle", entity(V1)),
+                                        tags=[EndpointTag(key="team", value="cv")])
+    assert waiter.response.state.config_update.value == "IN_PROGRESS"
+    assert waiter.response.pending_config.config_version == 1
+    ready = waiter.result()
+    assert (ready.state.ready.value, ready.state.config_update.value) == ("READY", "NOT_UPDATING")
+    assert ready.pending_config is None
+    served = ready.config.served_entities[0]
+    assert (served.name, served.entity_version, served.state.deployment.value) == (name_of(V1), V1, "DEPLOYMENT_READY")
+    assert ready.config.traffic_config.routes[0].traffic_percentage == 100
+    assert ready.tags[0].key == "team" and ready.permission_level.value == "CAN_MANAGE"
+
+    body = raw(workspace, "GET", "/api/2.0/serving-endpoints/lifecycle").json()
+    # the SDK parses every field we answer: nothing is dropped on the way through from_dict
+    assert ServingEndpointDetailed.from_dict(body).as_dict() == _without_empty(body)
+    assert body["config"]["served_models"][0]["model_name"] == MODEL
+    assert body["config"]["traffic_config"]["routes"][0]["served_model_name"] == name_of(V1)
+
+    assert w.serving_endpoints.get("lifecycle").config.config_version == 1
+    assert "lifecycle" in [e.name for e in w.serving_endpoints.list()]
+    assert served_version(w, "lifecycle") == (name_of(V1), 1)
+    record = workspace.root / "workspace" / "endpoints" / "lifecycle.json"
+    assert record.exists()
+
+    w.serving_endpoints.delete("lifecycle")
+    with pytest.raises(NotFound):
+        w.serving_endpoints.get("lifecycle")
+    assert "lifecycle" not in [e.name for e in w.serving_endpoints.list()]
+    assert not record.exists()
+
+
+def test_invalid_configs_are_400_naming_the_field(w):
+    def create(name="invalid", entities=(entity(V1),), traffic=None):
+        return w.serving_endpoints.create(name, config=config(name, *entities, traffic=traffic))
+
+    cases = [
+        (dict(name="bad name!"), "endpoint name"),
+        (dict(entities=()), "served_entities"),
+        (dict(entities=(entity(V1), entity(V2))), "traffic_config.routes is required"),
+        (dict(entities=(entity(V1), entity(V1)), traffic=split(v1=100)), "unique"),
+        (dict(entities=(entity(V1), entity(V2)), traffic=split(v1=80, v2=10)), "add up to 90"),
+        (dict(traffic=split(v2=100)), "routes[0] routes to"),
+        (dict(entities=(ServedEntityInput(entity_name=MODEL, entity_version="latest"),)), "entity_version"),
+    ]
+    for kwargs, fragment in cases:
+        with pytest.raises(InvalidParameterValue, match="endpoint") as err:
+            create(**kwargs)
+        assert fragment in str(err.value), (kwargs, str(err.value))
+
+
+def test_unknown_endpoint_is_404(w):
+    with pytest.raises(NotFound, match="nowhere"):
+        w.serving_endpoints.get("nowhere")
+    with pytest.raises(NotFound):
+        w.serving_endpoints.query("nowhere", dataframe_records=RECORDS)
+    with pytest.raises(NotFound):
+        w.serving_endpoints.update_config("nowhere", served_entities=[entity(V1)])
+    with pytest.raises(NotFound):
+        w.serving_endpoints.export_metrics("nowhere")
+    with pytest.raises(NotFound):
+        w.serving_endpoints.delete("nowhere")
+
+
+def test_traffic_split_90_10(w):
+    w.serving_endpoints.create_and_wait("split", config=config("split", entity(V1)))
+    with pytest.raises(ResourceAlreadyExists):
+        w.serving_endpoints.create("split", config=config("split", entity(V1)))
+    updated = w.serving_endpoints.update_config_and_wait("split", served_entities=[entity(V1), entity(V2)],
+                                                         traffic_config=split(v1=90, v2=10))
+    assert updated.config.config_version == 2
+    assert {r.served_entity_name: r.traffic_percentage for r in updated.config.traffic_config.routes} == {
+        name_of(V1): 90, name_of(V2): 10}
+    answers = collections.Counter(served_version(w, "split") for _ in range(1000))
+    assert set(answers) <= {(name_of(V1), 1), (name_of(V2), 2)}  # each entity answers with its own model
+    assert 70 <= answers[(name_of(V2), 2)] <= 130
+
+
+def test_update_in_progress_failed_update_and_rollback(workspace, w):
+    w.serving_endpoints.create_and_wait("rollout", config=config("rollout", entity(V1)))
+
+    # v4 takes 2 s to load: meanwhile the endpoint stays READY on v1 and refuses a second update
+    waiter = w.serving_endpoints.update_config("rollout", served_entities=[entity(SLOW)])
+    assert (waiter.response.state.ready.value, waiter.response.state.config_update.value) == ("READY", "IN_PROGRESS")
+    with pytest.raises(ResourceConflict, match="already updating"):
+        w.serving_endpoints.update_config("rollout", served_entities=[entity(V2)])
+    assert served_version(w, "rollout") == (name_of(V1), 1)
+    assert waiter.result().config.config_version == 2
+    assert served_version(w, "rollout") == (name_of(SLOW), 4)
+
+    with pytest.raises(OperationFailed, match="UPDATE_FAILED"):
+        w.serving_endpoints.update_config_and_wait("rollout", served_entities=[entity(BROKEN)])
+    body = raw(workspace, "GET", "/api/2.0/serving-endpoints/rollout").json()
+    assert body["state"]["ready"] == "READY" and body["state"]["config_update"] == "UPDATE_FAILED"
+    assert "cannot load" in body["state"]["config_update_message"]
+    assert "pending_config" not in body
+    assert body["config"]["config_version"] == 2
+    assert body["config"]["served_entities"][0]["entity_version"] == SLOW
+    assert served_version(w, "rollout") == (name_of(SLOW), 4)
+
+    rolled_back = w.serving_endpoints.update_config_and_wait("rollout", served_entities=[entity(V1)])
+    assert (rolled_back.state.ready.value, rolled_back.state.config_update.value) == ("READY", "NOT_UPDATING")
+    assert rolled_back.config.config_version == 3
+    assert served_version(w, "rollout") == (name_of(V1), 1)
+    assert "config_update_message" not in raw(workspace, "GET", "/api/2.0/serving-endpoints/rollout").json()["state"]
+
+
+def test_failed_create_is_503_until_a_good_config(workspace, w):
+    with pytest.raises(OperationFailed):
+        w.serving_endpoints.create_and_wait("broken", config=config("broken", entity(BROKEN)))
+    failed = w.serving_endpoints.get("broken")
+    assert (failed.state.ready.value, failed.state.config_update.value) == ("NOT_READY", "UPDATE_FAILED")
+    assert failed.config is None
+    state = failed.pending_config.served_entities[0].state
+    assert state.deployment.value == "DEPLOYMENT_FAILED"
+    assert "RuntimeError: this model version cannot load" in state.deployment_state_message
+    r = raw(workspace, "POST", "/serving-endpoints/broken/invocations", json={"dataframe_records": RECORDS})
+    assert r.status_code == 503 and r.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    assert "cannot load" in r.json()["message"]
+
+    fixed = w.serving_endpoints.update_config_and_wait("broken", served_entities=[entity(V2)])
+    assert fixed.state.ready.value == "READY"
+    assert served_version(w, "broken") == (name_of(V2), 2)
+
+
+def test_bad_payload_is_the_scoring_servers_400(workspace, w):
+    w.serving_endpoints.create_and_wait("payload", config=config("payload", entity(V1)))
+    with pytest.raises(BadRequest, match="image"):
+        w.serving_endpoints.query("payload", dataframe_records=[{"picture": "x"}])
+    r = raw(workspace, "POST", "/serving-endpoints/payload/invocations", json={"dataframe_records": [{"picture": 1}]})
+    assert r.status_code == 400 and "image" in r.json()["message"]
+    assert r.headers["served-model-name"] == name_of(V1)
+    r = raw(workspace, "POST", "/serving-endpoints/payload/invocations", data=b"{not json")
+    assert r.status_code == 400 and r.json()["error_code"] == "BAD_REQUEST"
+
+
+def test_metrics_count_what_was_sent(workspace, w):
+    w.serving_endpoints.create_and_wait("metered", config=config("metered", entity(V1), entity(V2),
+                                                                 traffic=split(v1=50, v2=50)))
+    sent = collections.Counter()
+    bad = collections.Counter()
+    for _ in range(40):
+        sent[served_version(w, "metered")[0]] += 1
+    for _ in range(6):
+        r = raw(workspace, "POST", "/serving-endpoints/metered/invocations", json={"dataframe_records": [{"x": 1}]})
+        assert r.status_code == 400
+        bad[r.headers["served-model-name"]] += 1
+
+    text = w.serving_endpoints.export_metrics("metered").contents.read().decode()
+    assert 'request_latency_ms_bucket{endpoint_name="metered"' in text
+    metrics = parse_endpoint_metrics(text)
+    assert set(metrics) == {name_of(V1), name_of(V2)}
+    for name, m in metrics.items():
+        assert m["requests"] == sent[name] + bad[name]
+        assert (m["errors_4xx"], m["errors_5xx"]) == (bad[name], 0)
+        assert m["throughput_rps"] == pytest.approx(m["requests"] / 60)
+        assert m["error_rate"] == pytest.approx(bad[name] / m["requests"])
+        assert 0 < m["latency_p50_ms"] <= m["latency_p99_ms"] < 10_000
+    r = raw(workspace, "GET", "/api/2.0/serving-endpoints/metered/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+def test_parse_endpoint_metrics_interpolates_like_prometheus():
+    text = """# TYPE request_count counter
+request_count_total{served_entity_name="a"} 20
+request_4xx_count_total{served_entity_name="a"} 1
+# TYPE request_latency_ms histogram
+request_latency_ms_bucket{served_entity_name="a",le="1"} 0
+request_latency_ms_bucket{served_entity_name="a",le="2"} 10
+request_latency_ms_bucket{served_entity_name="a",le="4"} 20
+request_latency_ms_bucket{served_entity_name="a",le="+Inf"} 20
+request_latency_ms_count{served_entity_name="a"} 20
+request_latency_ms_sum{served_entity_name="a"} 50
+request_count_total{served_entity_name="idle"} 0
+cpu_usage_percentage 12
+"""
+    metrics = parse_endpoint_metrics(text)
+    assert metrics["a"] == {"requests": 20, "errors_4xx": 1, "errors_5xx": 0, "error_rate": 0.05,
+                            "throughput_rps": 20 / 60, "latency_p50_ms": 2.0, "latency_p99_ms": pytest.approx(3.96)}
+    assert metrics["idle"]["latency_p50_ms"] is None and metrics["idle"]["error_rate"] == 0.0
+
+
+def wait_ready(w, name: str, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while (endpoint := w.serving_endpoints.get(name)).state.ready.value != "READY":
+        assert time.monotonic() < deadline, f"{name} not READY: {endpoint.state}"
+        time.sleep(0.05)
+    return endpoint
+
+
+def test_endpoints_survive_a_restart(registry, tmp_path):
+    uri = local_tracking_uri(registry)
+    with LocalWorkspace(tmp_path, TOKEN, tracking_uri=uri) as first:
+        w = workspace_client(first.url, TOKEN, retry_timeout_seconds=5)
+        before = w.serving_endpoints.create_and_wait("kept", config=config("kept", entity(V1), entity(V2),
+                                                                           traffic=split(v1=90, v2=10)))
+        w.serving_endpoints.create_and_wait("interrupted", config=config("interrupted", entity(V1)))
+        # both still loading v4 when the workspace stops
+        w.serving_endpoints.update_config("interrupted", served_entities=[entity(SLOW)])
+        w.serving_endpoints.create("never-served", config=config("never-served", entity(SLOW)))
+
+    with LocalWorkspace(tmp_path, TOKEN, tracking_uri=uri) as second:
+        w = workspace_client(second.url, TOKEN, retry_timeout_seconds=5)
+        after = wait_ready(w, "kept")
+        assert after.state.config_update.value == "NOT_UPDATING"
+        assert after.config.as_dict()["traffic_config"] == before.config.as_dict()["traffic_config"]
+        assert [e.name for e in after.config.served_entities] == [name_of(V1), name_of(V2)]
+        assert after.config.config_version == before.config.config_version
+        assert served_version(w, "kept")[0] in (name_of(V1), name_of(V2))
+
+        interrupted = wait_ready(w, "interrupted")
+        assert interrupted.state.config_update.value == "UPDATE_FAILED" and interrupted.pending_config is None
+        assert "interrupted by a restart" in raw(second, "GET", "/api/2.0/serving-endpoints/interrupted"
+                                                 ).json()["state"]["config_update_message"]
+        assert served_version(w, "interrupted") == (name_of(V1), 1)
+
+        never = w.serving_endpoints.get("never-served")
+        assert (never.state.ready.value, never.state.config_update.value) == ("NOT_READY", "UPDATE_FAILED")
+        assert never.config is None and never.pending_config is None
+        assert w.serving_endpoints.update_config_and_wait("never-served", served_entities=[entity(V2)]
+                                                          ).config.config_version == 1
+        assert served_version(w, "never-served") == (name_of(V2), 2)
+
+
+def test_cli_workspace_process(registry):
+    with local_workspace_process(registry) as (url, token):
+        w = workspace_client(url, token, retry_timeout_seconds=5)
+        w.serving_endpoints.create_and_wait("process", config=config("process", entity(V2)))
+        assert served_version(w, "process") == (name_of(V2), 2)
+        assert requests.get(f"{url}/api/2.0/serving-endpoints", timeout=5).status_code == 401
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/api/2.0/serving-endpoints", timeout=5)
+    assert (registry / "workspace" / "endpoints" / "process.json").exists()
+
+
+def test_cli_workspace_needs_a_token(monkeypatch, capsys):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert cli_main(["workspace", "--port", "0"]) == 2
+    assert TOKEN_ENV in capsys.readouterr().err
