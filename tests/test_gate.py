@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lakevision import delta
-from lakevision.registry.gate import GateFailedError, MetricGate, check_thresholds, compare_with_champion
+from lakevision.registry.gate import MetricGate, check_thresholds, compare_with_champion
 from lakevision.registry.model_registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, ModelRegistry
 
 from .models import log_trained_model
@@ -74,8 +74,6 @@ def test_gate_registers_aliases_and_compares_with_the_champion(ingested_runtime)
     assert strict.comparison.champion == pytest.approx(passed.metrics["accuracy"])
     assert "accuracy: challenger" in strict.message() and "higher by at least 1" in strict.message()
     assert len(_versions(rt)) == 1 and registry.by_alias(CHALLENGER) is None
-    with pytest.raises(GateFailedError, match="gate failed"):
-        raise GateFailedError(strict)
 
     lenient = MetricGate(rt, NAME, thresholds={"accuracy": 0.0}, min_improvement=-1.0).run(second)
     assert lenient.passed and lenient.registered["version"] == "2"

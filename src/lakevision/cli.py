@@ -150,6 +150,80 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_ingest(ns)
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    from lakevision.registry.gate import GateFailedError, MetricGate
+
+    with _stdout_for_json(args.json), _runtime(args) as rt:
+        report = MetricGate(rt, args.model_name).run(args.model_uri, args.data_version)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        _print_gate(report.to_json())
+    if not report.passed:
+        raise GateFailedError(report.message())
+    return 0
+
+
+def _print_gate(gate: dict) -> None:
+    print(f"gate {'passed' if gate['passed'] else 'FAILED'}: {gate['model_uri']} ({gate['task']}) "
+          f"on test data version {gate['data_version']}")
+    for c in gate["checks"]:
+        op = ">=" if c["kind"] == "min" else "<="
+        print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['metric']:<16} {c['value']} {op} {c['bound']}")
+    if gate["comparison"]:
+        c = gate["comparison"]
+        print(f"  {'ok  ' if c['passed'] else 'FAIL'} vs champion v{gate['champion']['version']}: {c['metric']} "
+              f"{c['challenger']} vs {c['champion']} (min improvement {c['min_improvement']})")
+    if gate["registered"]:
+        r = gate["registered"]
+        print(f"registered {r['name']} version {r['version']}{'' if r['created'] else ' (already registered)'}"
+              f", alias challenger")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from lakevision.registry.gate import GateFailedError
+    from lakevision.serving.model_server import DeploymentError
+    from lakevision.serving.pipeline import run_deployment
+
+    with _stdout_for_json(args.json), _runtime(args) as rt:
+        report = run_deployment(rt, args.model_name, args.endpoint, args.traffic, args.model_uri, args.task, args.host)
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        if "best_run" in report:
+            b = report["best_run"]
+            print(f"best run {b['run_id']}: {b['metric']} = {b['value']}")
+        _print_gate(report["gate"])
+        dep = report.get("deployment") or {}
+        if dep:
+            print(f"deployment: {dep['status']} ({dep['action']}), traffic steps {dep.get('steps')}")
+            smoke = dep.get("smoke") or {}
+            for problem in smoke.get("problems", []):
+                print(f"  problem: {problem}")
+        if report.get("champion"):
+            print(f"champion: version {report['champion']['version']} (previous: {report['champion']['previous']})")
+        state = report.get("endpoint_state")
+        if state:
+            routes = ", ".join(f"{r['served_entity_name']} {r['traffic_percentage']}%" for r in state["routes"])
+            print(f"endpoint {state['name']}: {state['state']['ready']}, {state['state']['config_update']}; {routes}")
+    if report["status"] == "gate_failed":
+        raise GateFailedError(report["gate"]["message"])
+    if report["status"] != "deployed":
+        raise DeploymentError(f"{report['model_name']} was not deployed to {report['endpoint']}: "
+                              + "; ".join((report.get("deployment") or {}).get("smoke", {}).get("problems", [])))
+    return 0
+
+
+def cmd_workspace(args: argparse.Namespace) -> int:
+    from lakevision.serving.workspace import TOKEN_ENV, serve_forever
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise UserError(f"a token is required: --token or ${TOKEN_ENV} (the environment keeps it out of ps)")
+    serve_forever(args.root or ".lakevision", token, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lakevision", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -183,6 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("--images", type=int, default=300)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("gate", help="metric gate: register the model and alias it challenger if it passes")
+    p.add_argument("--model-uri", required=True, help="the challenger, e.g. models:/m-... from the train job")
+    p.add_argument("--model-name", default=None, help="registered model (default: deployment.model_name)")
+    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
+    _common(p)
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("deploy", help="best run -> gate -> register -> canary -> promote or roll back")
+    p.add_argument("--model-name", default=None, help="registered model (default: deployment.model_name)")
+    p.add_argument("--endpoint", default=None, help="serving endpoint (default: deployment.endpoint_name)")
+    p.add_argument("--traffic", type=int, default=None, metavar="P",
+                   help="canary share of the new version, 1-100 (default: deployment.canary.traffic_percentage)")
+    p.add_argument("--model-uri", default=None, help="deploy this model instead of the experiment's best run")
+    p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None,
+                   help="task of the best run to pick (default: training.task)")
+    p.add_argument("--host", default=None, help="workspace URL (default: a local workspace for --target local, "
+                                                "deployment.workspace.host or $DATABRICKS_HOST otherwise)")
+    _common(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("workspace", help="serve the local stand-in for the workspace's Model Serving API")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
+    p.add_argument("--token", default=None, help="the bearer token clients must send (default: $LAKEVISION_WORKSPACE_TOKEN)")
+    p.add_argument("--root", default=None, help="local data root: MLflow registry and endpoint records; default .lakevision")
+    p.set_defaults(func=cmd_workspace)
     return parser
 
 

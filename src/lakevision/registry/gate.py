@@ -32,10 +32,6 @@ _LOWER_IS_BETTER = ("loss", "error", "ece", "calibration")
 class GateFailedError(LakevisionError):
     """The challenger did not pass; the message lists every failing metric."""
 
-    def __init__(self, report: GateReport):
-        super().__init__(report.message())
-        self.report = report
-
 
 def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in _LOWER_IS_BETTER)
@@ -124,6 +120,7 @@ class GateReport:
         out = asdict(self)
         out["passed"] = self.passed
         out["failures"] = self.failures()
+        out["message"] = self.message()
         return out
 
 

@@ -127,13 +127,13 @@ class DeploymentPipeline:
         report["gate"] = gate.to_json()
         if not gate.passed:
             report["status"] = "gate_failed"
-            return report
-        version = gate.registered["version"]
-        report["deployment"] = self.deploy(endpoint, version, traffic_percentage)
-        report["status"] = report["deployment"]["status"]
-        if report["status"] == "deployed":
-            old = ModelRegistry(self.rt, self.model_name).promote(version)
-            report["champion"] = {"version": version, "previous": old.version if old else None}
+        else:
+            version = gate.registered["version"]
+            report["deployment"] = self.deploy(endpoint, version, traffic_percentage)
+            report["status"] = report["deployment"]["status"]
+            if report["status"] == "deployed":
+                old = ModelRegistry(self.rt, self.model_name).promote(version)
+                report["champion"] = {"version": version, "previous": old.version if old else None}
         report["endpoint_state"] = self.server.monitor_endpoint(endpoint) if self.server.exists(endpoint) else None
         return report
 
@@ -179,3 +179,30 @@ def _percentile(values: list[float], q: float) -> float | None:
     import numpy as np
 
     return float(np.percentile(values, q))
+
+
+def run_deployment(rt: Runtime, model_name: str | None = None, endpoint: str | None = None,
+                   traffic_percentage: int | None = None, model_uri: str | None = None, task: str | None = None,
+                   host: str | None = None) -> dict[str, Any]:
+    """The deploy job: :meth:`DeploymentPipeline.run_pipeline` with the configured thresholds.
+
+    Locally, with no ``host``, a local workspace process on the root's registry serves for the
+    length of the job; on Databricks the host and token come from the config, the environment
+    or a secret scope (never from arguments that end up in logs)."""
+    from lakevision.serving.client import resolve_token
+    from lakevision.serving.workspace import local_workspace_process
+
+    d = rt.config.deployment.deployment
+    name = model_name or d.model_name
+
+    def run(url: str | None, token: str | None) -> dict[str, Any]:
+        pipeline = DeploymentPipeline(url, token, name, rt.experiment_name, runtime=rt, task=task)
+        report = pipeline.run_pipeline(dict(d.metrics_threshold), endpoint, model_uri=model_uri,
+                                       traffic_percentage=traffic_percentage)
+        report["workspace"] = url
+        return report
+
+    if rt.kind == "local" and host is None:
+        with local_workspace_process(rt.root) as (url, token):
+            return run(url, token)
+    return run(host or d.workspace.host, resolve_token(None, d.workspace.secret_scope, d.workspace.secret_key))
