@@ -26,6 +26,11 @@ _EXPORTS = {
     "CocoFormatError": "lakevision.data.coco_json",
     "generate_dataset": "lakevision.data.synthetic",
     "get_runtime": "lakevision.runtime",
+    "MetricGate": "lakevision.registry.gate",
+    "ModelRegistry": "lakevision.registry.model_registry",
+    "ModelServer": "lakevision.serving.model_server",
+    "DeploymentPipeline": "lakevision.serving.pipeline",
+    "LocalWorkspace": "lakevision.serving.workspace",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -118,7 +118,8 @@ def ray_cluster(settings: DistributedSettings, use_gpu: bool, log_to_driver: boo
 
 def _init_local(log_to_driver: bool, attempts: int = 2) -> None:
     """Start local Ray; on a busy 2-core machine its node start-up now and then misses a deadline
-    ("The current node timed out during startup"), and a second try goes through."""
+    ("The current node timed out during startup", "Timed out waiting for file .../gcs_server_port"),
+    and a second try goes through."""
     import ray
 
     for attempt in range(1, attempts + 1):
@@ -126,7 +127,7 @@ def _init_local(log_to_driver: bool, attempts: int = 2) -> None:
             ray.init(include_dashboard=False, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
             return
         except Exception as exc:  # Ray raises a bare Exception for this
-            if "timed out during startup" not in str(exc) or attempt == attempts:
+            if "timed out" not in str(exc).lower() or attempt == attempts:
                 raise
             log.warning("Ray start-up timed out (attempt %d); retrying", attempt)
             ray.shutdown()
