@@ -128,7 +128,7 @@ def test_exports_match_the_eager_model(tmp_path, sample_images, task, arch):
         assert all(c.max_abs_diff[k] <= c.tolerance[k] for k in c.tolerance)
 
 
-def test_parity_check_catches_a_different_model(sample_images):
+def test_parity_check_catches_a_different_model():
     spec = ServingSpec("detection", False, 128, *CATS, score_threshold=0.0)
     ref = [{"boxes": np.array([[1.0, 2.0, 30.0, 40.0]]), "labels": np.array([1]), "scores": np.array([0.9])}]
     moved = [{"boxes": np.array([[1.0, 2.0, 30.5, 40.0]]), "labels": np.array([1]), "scores": np.array([0.9])}]

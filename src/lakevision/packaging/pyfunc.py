@@ -15,7 +15,7 @@ import binascii
 import io
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class ServingSpec:
     max_image_pixels: int = 4096 * 4096
     max_batch_size: int = 64
     architecture: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def instance(self) -> bool:

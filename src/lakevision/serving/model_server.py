@@ -20,6 +20,7 @@ from lakevision.serving.endpoint_metrics import parse_endpoint_metrics
 log = logging.getLogger(__name__)
 
 _CONCURRENCY_PER_INSTANCE = 4  # Databricks sizes CPU serving in steps of 4 concurrent requests
+_WORKLOAD_KEYS = ("workload_size", "workload_type", "scale_to_zero_enabled")
 _GPU_INSTANCE = re.compile(r"(^|[_-])(NC|ND|NV)\d|^(g4dn|g5|g6|p3|p4d|p5)\.|gpu", re.IGNORECASE)
 
 
@@ -66,17 +67,15 @@ class ModelServer:
         self.model_name = model_name
         self.model_version = None if model_version is None else str(model_version)
         self.timeout = timedelta(minutes=timeout_minutes)
-        self._workload: dict[str, Any] = workload_for("Standard_DS3_v2", 5) | {"scale_to_zero": True}
 
     # ------------------------------------------------------------------ building configs
-    def _entity(self, version: str):
-        from databricks.sdk.service.serving import ServedEntityInput, ServingModelWorkloadType
+    def _entity(self, version: str, workload: dict[str, Any]):
+        """A served entity of ``version`` with ``workload`` (size, type, scale to zero)."""
+        from databricks.sdk.service.serving import ServedEntityInput
 
-        w = self._workload
-        return ServedEntityInput(name=entity_name(self.model_name, version), entity_name=self.model_name,
-                                 entity_version=str(version), workload_size=w["workload_size"],
-                                 workload_type=ServingModelWorkloadType(w["workload_type"]),
-                                 scale_to_zero_enabled=w["scale_to_zero"])
+        return ServedEntityInput.from_dict({"name": entity_name(self.model_name, version),
+                                            "entity_name": self.model_name, "entity_version": str(version),
+                                            **workload})
 
     @staticmethod
     def _routes(shares: dict[str, int]):
@@ -110,9 +109,10 @@ class ModelServer:
         if self.model_version is None:
             raise DeploymentError(f"endpoint {endpoint_name}: no model version to serve (pass model_version)")
         # a workload size has no minimum replica count of its own: no minimum means scaling to zero
-        self._workload = workload_for(instance_type, max_instances) | {"scale_to_zero": scale_to_zero or min_instances == 0}
+        workload = workload_for(instance_type, max_instances) | {
+            "scale_to_zero_enabled": scale_to_zero or min_instances == 0}
         if not self.exists(endpoint_name):
-            entity = self._entity(self.model_version)
+            entity = self._entity(self.model_version, workload)
             config = EndpointCoreConfigInput(name=endpoint_name, served_entities=[entity],
                                              traffic_config=self._routes({entity.name: 100}))
             try:
@@ -121,7 +121,9 @@ class ModelServer:
                 raise self._wait_failed(endpoint_name, f"creating it with {self.model_name} v{self.model_version}",
                                         exc) from None
             return endpoint_name
-        self.update_endpoint(endpoint_name, self.model_version, 100)
+        self._apply(endpoint_name, [self._entity(self.model_version, workload)],
+                    {entity_name(self.model_name, self.model_version): 100},
+                    f"serving {self.model_name} v{self.model_version} at 100%")
         return endpoint_name
 
     def update_endpoint(self, endpoint_name: str, new_model_version: str, traffic_percentage: int = 100) -> None:
@@ -130,17 +132,21 @@ class ModelServer:
         if not 0 < traffic_percentage <= 100:
             raise DeploymentError(f"traffic_percentage must be in 1..100, got {traffic_percentage}")
         snap = self.snapshot(endpoint_name)
-        new = self._entity(str(new_model_version))
-        shares = {new.name: traffic_percentage}
+        name = entity_name(self.model_name, str(new_model_version))
+        stable = max((r for r in snap.routes if r["served_entity_name"] != name),
+                     key=lambda r: r["traffic_percentage"], default=None)
+        if traffic_percentage < 100 and stable is None:
+            raise DeploymentError(f"endpoint {endpoint_name}: a {traffic_percentage}% canary needs another "
+                                  f"version to keep the other {100 - traffic_percentage}%")
+        by_name = {e["name"]: self._input_of(e) for e in snap.served_entities}
+        # the new version runs on the compute of the version it joins or replaces
+        like = by_name[stable["served_entity_name"]] if stable else by_name[name]
+        new = self._entity(str(new_model_version), {k: v for k, v in like.as_dict().items() if k in _WORKLOAD_KEYS})
+        shares = {name: traffic_percentage}
         entities = [new]
         if traffic_percentage < 100:
-            stable = max((r for r in snap.routes if r["served_entity_name"] != new.name),
-                         key=lambda r: r["traffic_percentage"], default=None)
-            if stable is None:
-                raise DeploymentError(f"endpoint {endpoint_name}: a {traffic_percentage}% canary needs another "
-                                      f"version to keep the other {100 - traffic_percentage}%")
             shares[stable["served_entity_name"]] = 100 - traffic_percentage
-            entities += [self._input_of(e) for e in snap.served_entities if e["name"] == stable["served_entity_name"]]
+            entities.append(by_name[stable["served_entity_name"]])
         self.model_version = str(new_model_version)
         self._apply(endpoint_name, entities, shares, f"serving {self.model_name} v{new_model_version} at "
                                                     f"{traffic_percentage}%")
@@ -164,9 +170,7 @@ class ModelServer:
                  "message": e.state.deployment_state_message if e.state else None,
                  "workload_size": e.workload_size, "scale_to_zero_enabled": e.scale_to_zero_enabled}
                 for e in (cfg.served_entities if cfg else None) or []],
-            "routes": [{"served_entity_name": r.served_entity_name or r.served_model_name,
-                        "traffic_percentage": r.traffic_percentage}
-                       for r in (cfg.traffic_config.routes if cfg and cfg.traffic_config else None) or []],
+            "routes": _routes_of(cfg),
             "metrics": {"window_s": 60, "requests": total, "error_rate": errors / total if total else 0.0,
                         "throughput_rps": total / 60, "per_entity": per_entity},
         }
@@ -194,17 +198,13 @@ class ModelServer:
         cfg = self._get(endpoint_name).config
         if cfg is None:
             raise DeploymentError(f"endpoint {endpoint_name} has no active configuration")
-        entities = [e.as_dict() for e in cfg.served_entities or []]
-        routes = [{"served_entity_name": r.served_entity_name or r.served_model_name,
-                   "traffic_percentage": r.traffic_percentage}
-                  for r in (cfg.traffic_config.routes if cfg.traffic_config else None) or []]
-        return EndpointSnapshot(entities, routes)
+        return EndpointSnapshot([e.as_dict() for e in cfg.served_entities or []], _routes_of(cfg))
 
     @staticmethod
     def _input_of(entity: dict):
         from databricks.sdk.service.serving import ServedEntityInput
 
-        keep = {"name", "entity_name", "entity_version", "workload_size", "workload_type", "scale_to_zero_enabled"}
+        keep = {"name", "entity_name", "entity_version", *_WORKLOAD_KEYS}
         return ServedEntityInput.from_dict({k: v for k, v in entity.items() if k in keep})
 
     def restore(self, endpoint_name: str, snap: EndpointSnapshot) -> None:
@@ -229,6 +229,12 @@ class ModelServer:
         resp = self.client.serving_endpoints.query(endpoint_name,
                                                    dataframe_records=[{IMAGE_COLUMN: b} for b in images_b64])
         return resp.predictions, resp.served_model_name
+
+
+def _routes_of(cfg) -> list[dict]:
+    routes = cfg.traffic_config.routes if cfg and cfg.traffic_config else None
+    return [{"served_entity_name": r.served_entity_name or r.served_model_name,
+             "traffic_percentage": r.traffic_percentage} for r in routes or []]
 
 
 def _value(enum_or_none) -> str | None:

@@ -19,9 +19,6 @@ from lakevision.serving.model_server import DeploymentError, ModelServer, entity
 
 log = logging.getLogger(__name__)
 
-# the training run's headline validation metric per task, as logged by the train job
-_BEST_RUN_METRIC = {"classification": "best_val_acc", "detection": "best_val_map_50",
-                    "segmentation": "best_val_map_50"}
 _SMOKE_IMAGES = 8
 _MAX_SMOKE_FACTOR = 10  # at most this many times smoke_requests while waiting for the canary's share
 
@@ -54,7 +51,7 @@ class DeploymentPipeline:
         exp = client.get_experiment_by_name(self.experiment_name)
         if exp is None:
             raise NoRunError(f"experiment {self.experiment_name!r} does not exist; run `lakevision train` first")
-        metric = _BEST_RUN_METRIC[self.task]
+        metric = f"best_{self._validation_metric()}"
         runs = client.search_runs([exp.experiment_id],
                                   filter_string=f"attributes.status = 'FINISHED' and tags.`{TASK_TAG}` = '{self.task}'",
                                   order_by=[f"metrics.{metric} DESC"], max_results=1)
@@ -63,6 +60,14 @@ class DeploymentPipeline:
         run = runs[0]
         return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "metric": metric,
                 "value": run.data.metrics.get(metric)}
+
+    def _validation_metric(self) -> str:
+        """The metric the train job logs as ``best_<name>`` for this task's configured model."""
+        from lakevision.training.models import is_semantic
+        from lakevision.training.ray_trainer import BEST_METRIC
+
+        arch = getattr(self.rt.config.training.training.model.architectures, self.task)
+        return BEST_METRIC["semantic" if is_semantic(arch) else self.task][0]
 
     def smoke_images(self) -> list[str]:
         """Test-split images of the gold table, base64 as a caller sends them."""
@@ -146,8 +151,12 @@ class DeploymentPipeline:
         images = self.smoke_images()
         self.server.model_version = version
         if not self.server.exists(endpoint):
-            self.server.create_endpoint(endpoint, ep.instance_type, ep.min_instances, ep.max_instances, ep.scale_to_zero)
-            smoke = self.smoke_test(endpoint, new, 100, images)
+            try:
+                self.server.create_endpoint(endpoint, ep.instance_type, ep.min_instances, ep.max_instances,
+                                            ep.scale_to_zero)
+                smoke = self.smoke_test(endpoint, new, 100, images)
+            except DeploymentError as exc:
+                smoke = {"healthy": False, "problems": [str(exc)]}
             if not smoke["healthy"]:
                 # a new endpoint has no earlier configuration to go back to
                 self.server.delete_endpoint(endpoint)
