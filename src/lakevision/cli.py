@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from lakevision.bundle.task_context import set_task_values
 from lakevision.config import load_config
 from lakevision.errors import LakevisionError
 
@@ -26,18 +27,36 @@ class UserError(LakevisionError):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="local", help="deployment target from bundle/config/targets.yaml")
-    p.add_argument("--root", default=None, help="local data root (tables, MLflow, staging); default .lakevision")
+    p.add_argument("--target", default=None,
+                   help="deployment target from bundle/config/targets.yaml (default: $LAKEVISION_TARGET or local)")
+    p.add_argument("--root", default=None,
+                   help="local data root (tables, MLflow, staging); default $LAKEVISION_ROOT or .lakevision")
     p.add_argument("--config", default=None, help="config directory (default: $LAKEVISION_CONFIG_DIR or ./bundle/config)")
+    p.add_argument("--profile", default=None,
+                   help="partial config laid over the files: a name in <config>/profiles or a YAML path "
+                        "(default: $LAKEVISION_PROFILE)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. training.optimization.max_epochs=3")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
+def _optional_int(text: str) -> int | None:
+    """An int, or None for an empty string: a job parameter left at its empty default."""
+    return int(text) if text.strip() else None
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _data_version(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-version", type=_optional_int, default=None, help="samples table version (default: latest)")
+
+
 def _task_and_data_version(p: argparse.ArgumentParser, task_help: str) -> None:
     """Arguments of the jobs that read the gold table for a task (train, evaluate)."""
     p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None, help=task_help)
-    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
+    _data_version(p)
     _common(p)
 
 
@@ -45,7 +64,7 @@ def _task_and_data_version(p: argparse.ArgumentParser, task_help: str) -> None:
 def _runtime(args: argparse.Namespace):
     from lakevision.runtime import get_runtime
 
-    cfg = load_config(args.config, args.target, args.overrides)
+    cfg = load_config(args.config, args.target, args.overrides, args.profile)
     rt = get_runtime(cfg, args.root)
     try:
         yield rt
@@ -81,6 +100,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     with _runtime(args) as rt:
         result = run_ingest(rt, args.annotations, args.images, progress=not args.json)
+    set_task_values(ingest_run_id=result.run_id, samples_version=result.tables["samples"]["version"],
+                    table_versions={k: t["version"] for k, t in result.tables.items()},
+                    quarantined=sum(result.quarantine_by_reason.values()))
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -93,6 +115,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with _stdout_for_json(args.json), _runtime(args) as rt:
         result = run_training(rt, args.task, args.data_version, log_to_driver=not args.json)
+    set_task_values(run_id=result["run_id"], model_uri=result["model_uri"], task=result["task"],
+                    data_version=result["data_version"], best_metric=result["best_metric"]["name"],
+                    best_value=result["best_metric"]["value"])
     if args.json:
         print(json.dumps(result))
     else:
@@ -110,6 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with _stdout_for_json(args.json), _runtime(args) as rt:
         result = run_evaluation(rt, args.model_uri, args.task, args.data_version)
+    set_task_values(run_id=result["run_id"], data_version=result["data_version"], metrics=result["metrics"])
     if args.json:
         print(json.dumps(result))
     else:
@@ -138,16 +164,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
+    from lakevision.demo import run_demo
 
-    root = args.root or ".lakevision"
-    data_dir = os.path.join(root, "sample")
-    print(f"[1/2] generating {args.images} sample images with one record of each defect in {data_dir}")
-    ds = generate_dataset(data_dir, num_images=args.images, seed=0, defects={c: 1 for c in DEFECT_CODES})
-    print(f"[2/2] ingesting {ds.annotation_file}")
-    ns = argparse.Namespace(annotations=str(ds.annotation_file), images=str(ds.image_dir), target="local",
-                            root=root, config=args.config, overrides=[], json=False)
-    return cmd_ingest(ns)
+    return run_demo(args.root, args.images, args.bundle)
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -155,11 +174,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     with _stdout_for_json(args.json), _runtime(args) as rt:
         report = MetricGate(rt, args.model_name).run(args.model_uri, args.data_version)
+    gate = report.to_json()
+    set_task_values(passed=report.passed, message=report.message(),
+                    model_version=(gate["registered"] or {}).get("version"))
     if args.json:
-        print(json.dumps(report.to_json()))
+        print(json.dumps(gate))
     else:
-        _print_gate(report.to_json())
-    if not report.passed:
+        _print_gate(gate)
+    if not report.passed and not args.continue_on_fail:
         raise GateFailedError(report.message())
     return 0
 
@@ -187,6 +209,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     with _stdout_for_json(args.json), _runtime(args) as rt:
         report = run_deployment(rt, args.model_name, args.endpoint, args.traffic, args.model_uri, args.task, args.host)
+    set_task_values(status=report["status"], endpoint=report["endpoint"],
+                    champion_version=(report.get("champion") or {}).get("version"))
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -214,13 +238,93 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from lakevision.monitoring.health import endpoint_health
+
+    with _stdout_for_json(args.json), _runtime(args) as rt:
+        report = endpoint_health(rt, args.endpoint, args.host)
+    set_task_values(healthy=report["healthy"], problems=report["problems"])
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        status = report["status"]
+        if status:
+            routes = ", ".join(f"{r['served_entity_name']} {r['traffic_percentage']}%" for r in status["routes"])
+            m = status["metrics"]
+            print(f"endpoint {status['name']}: {status['state']['ready']}, {status['state']['config_update']}; {routes}")
+            print(f"last {m['window_s']} s: {m['requests']} requests, error rate {m['error_rate']:.3f}")
+        print("healthy" if report["healthy"] else "UNHEALTHY: " + "; ".join(report["problems"]))
+    if not report["healthy"]:
+        raise EndpointUnhealthyError(f"endpoint {report['endpoint']}: " + "; ".join(report["problems"]))
+    return 0
+
+
+class EndpointUnhealthyError(LakevisionError):
+    """The monitor found the endpoint down or outside its bounds."""
+
+
+def _load_bundle(args: argparse.Namespace, local_files: bool = False):
+    from lakevision.bundle.loader import load_bundle
+    from lakevision.bundle.runner import parse_params
+
+    return load_bundle(args.bundle, args.target, parse_params(args.var, "--var"), local_files=local_files)
+
+
+def cmd_bundle_validate(args: argparse.Namespace) -> int:
+    from lakevision.bundle.loader import BundleError
+    from lakevision.bundle.validate import validate_bundle
+
+    bundle = _load_bundle(args)
+    problems = validate_bundle(bundle)
+    if args.json:
+        print(json.dumps({"name": bundle.name, "target": bundle.target, "valid": not problems,
+                          "problems": [vars(p) for p in problems],
+                          "resources": {t: sorted(r) for t, r in bundle.resources.items()}}))
+    if problems:
+        raise BundleError(problems)
+    if not args.json:
+        print(f"Name: {bundle.name}\nTarget: {bundle.target}\nWorkspace path: {bundle.workspace['root_path']}")
+        for rtype, items in sorted(bundle.resources.items()):
+            print(f"  {rtype}: {', '.join(sorted(items))}")
+        print("Validation OK!")
+    return 0
+
+
+def print_task_progress(event: str, task, i: int, n: int) -> None:
+    """One line when a task starts and one when it ends (status, seconds, what it passed on)."""
+    if event == "start":
+        print(f"[{i}/{n}] {task.task_key} ...", flush=True)
+        return
+    if event == "running":
+        print(f"      {task.task_key} {task.seconds:.0f} s: {task.message}", flush=True)
+        return
+    took = f" {task.seconds:.1f} s" if task.attempts else ""
+    print(f"[{i}/{n}] {task.task_key}: {task.status}{took}" + (f"  {task.message}" if task.message else ""),
+          flush=True)
+
+
+def cmd_bundle_run(args: argparse.Namespace) -> int:
+    from lakevision.bundle.runner import SUCCESS, LocalJobRunner, parse_params
+    from lakevision.runtime import local_root
+
+    bundle = _load_bundle(args, local_files=True)
+    runner = LocalJobRunner(bundle, local_root(args.root), progress=None if args.json else print_task_progress)
+    run = runner.run(args.job, parse_params(args.param, "--param"))
+    if args.json:
+        print(json.dumps(run.to_json(), default=str))
+    else:
+        print(f"run {run.run_id} of {run.job_key} ({run.target}): {run.status} in {run.seconds:.1f} s; logs in {run.run_dir}")
+    return 0 if run.status == SUCCESS else 1
+
+
 def cmd_workspace(args: argparse.Namespace) -> int:
+    from lakevision.runtime import local_root
     from lakevision.serving.workspace import TOKEN_ENV, serve_forever
 
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
         raise UserError(f"a token is required: --token or ${TOKEN_ENV} (the environment keeps it out of ps)")
-    serve_forever(args.root or ".lakevision", token, args.port)
+    serve_forever(local_root(args.root), token, args.port)
     return 0
 
 
@@ -252,16 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="generate the sample dataset and run the pipeline end to end")
-    p.add_argument("--root", default=None)
-    p.add_argument("--config", default=None)
-    p.add_argument("--images", type=int, default=300)
+    p = sub.add_parser("demo", help="generate the sample dataset and run the cv_pipeline job end to end here")
+    p.add_argument("--root", default=None, help="local data root (default: $LAKEVISION_ROOT or .lakevision)")
+    p.add_argument("--bundle", default=".", help="folder with databricks.yml")
+    p.add_argument("--images", type=int, default=400)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gate", help="metric gate: register the model and alias it challenger if it passes")
     p.add_argument("--model-uri", required=True, help="the challenger, e.g. models:/m-... from the train job")
     p.add_argument("--model-name", default=None, help="registered model (default: deployment.model_name)")
-    p.add_argument("--data-version", type=int, default=None, help="samples table version (default: latest)")
+    _data_version(p)
+    p.add_argument("--continue-on-fail", action="store_true",
+                   help="exit 0 when the gate fails; a job's condition task reads the `passed` task value")
     _common(p)
     p.set_defaults(func=cmd_gate)
 
@@ -270,13 +376,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="serving endpoint (default: deployment.endpoint_name)")
     p.add_argument("--traffic", type=int, default=None, metavar="P",
                    help="canary share of the new version, 1-100 (default: deployment.canary.traffic_percentage)")
-    p.add_argument("--model-uri", default=None, help="deploy this model instead of the experiment's best run")
+    p.add_argument("--model-uri", type=_optional_str, default=None,
+                   help="deploy this model instead of the experiment's best run")
     p.add_argument("--task", choices=["classification", "detection", "segmentation"], default=None,
                    help="task of the best run to pick (default: training.task)")
     p.add_argument("--host", default=None, help="workspace URL (default: a local workspace for --target local, "
                                                 "deployment.workspace.host or $DATABRICKS_HOST otherwise)")
     _common(p)
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("monitor", help="endpoint health: state, latency and error rate against the bounds")
+    p.add_argument("--endpoint", default=None, help="serving endpoint (default: deployment.endpoint_name)")
+    p.add_argument("--host", default=None, help="workspace URL (default: a local workspace for --target local)")
+    _common(p)
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("bundle", help="validate the asset bundle, or run one of its jobs on this machine")
+    bsub = p.add_subparsers(dest="bundle_command", required=True)
+    for name, helptext in (("validate", "check databricks.yml, its includes and every job, for one target"),
+                           ("run", "run a job's tasks here in dependency order, as a job run would")):
+        b = bsub.add_parser(name, help=helptext)
+        b.add_argument("-t", "--target", default=None, help="bundle target (default: the one marked default)")
+        b.add_argument("--bundle", default=".", help="folder with databricks.yml (default: .)")
+        b.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a bundle variable")
+        b.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    b.add_argument("job", help="job key under resources.jobs, e.g. cv_pipeline")
+    b.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="set a job parameter")
+    b.add_argument("--root", default=None, help="local data root (default: $LAKEVISION_ROOT or .lakevision)")
+    bsub.choices["validate"].set_defaults(func=cmd_bundle_validate)
+    b.set_defaults(func=cmd_bundle_run)
 
     p = sub.add_parser("workspace", help="serve the local stand-in for the workspace's Model Serving API")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = ".lakevision"
+ROOT_ENV = "LAKEVISION_ROOT"
 SAIL_MODE_ENV = "LAKEVISION_SAIL_MODE"
 SailMode = Literal["in_process", "subprocess"]
 # Chosen by benchmarks/ingest.py (image checking); see benchmarks/RESULTS.md.
@@ -185,6 +186,11 @@ class Runtime:
             self._sail = None
 
 
+def local_root(root: str | os.PathLike | None = None) -> Path:
+    """The local data root: ``root``, else ``$LAKEVISION_ROOT``, else ``.lakevision``."""
+    return Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
 def get_runtime(config: LakevisionConfig, root: str | os.PathLike | None = None) -> Runtime:
     """Start (locally) or attach to (on Databricks) the Spark session for ``config``'s target."""
     from pyspark.sql import SparkSession
@@ -193,7 +199,7 @@ def get_runtime(config: LakevisionConfig, root: str | os.PathLike | None = None)
         spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
         return Runtime(config=config, spark=spark, kind="databricks")
 
-    root_path = Path(root or DEFAULT_ROOT)
+    root_path = local_root(root)
     root_path.mkdir(parents=True, exist_ok=True)
     mode = os.environ.get(SAIL_MODE_ENV, DEFAULT_SAIL_MODE)
     t0 = time.monotonic()

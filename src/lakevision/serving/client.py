@@ -8,11 +8,17 @@ logged or written anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from lakevision.errors import LakevisionError
+
+if TYPE_CHECKING:
+    from lakevision.runtime import Runtime
 
 DEFAULT_RETRY_TIMEOUT_S = 10
 
@@ -76,3 +82,18 @@ def workspace_client(host: str | None = None, token: str | None = None,
         # the SDK's message lists the auth methods it tried; the token itself is never in it
         raise WorkspaceAuthError(f"cannot authenticate to {host or 'the default workspace'}: {exc}") from None
     return WorkspaceClient(config=cfg)
+
+
+@contextlib.contextmanager
+def workspace_connection(rt: Runtime, host: str | None = None) -> Iterator[tuple[str | None, str | None]]:
+    """``(host, token)`` of the workspace a job talks to. Locally, with no ``host``, a local
+    workspace process over the root's registry and endpoint records serves for the block; on
+    Databricks the host and token come from the config, the environment or a secret scope."""
+    from lakevision.serving.workspace import local_workspace_process
+
+    ws = rt.config.deployment.deployment.workspace
+    if rt.kind == "local" and host is None:
+        with local_workspace_process(rt.root) as (url, token):
+            yield url, token
+        return
+    yield host or ws.host, resolve_token(None, ws.secret_scope, ws.secret_key)

@@ -198,20 +198,13 @@ def run_deployment(rt: Runtime, model_name: str | None = None, endpoint: str | N
     Locally, with no ``host``, a local workspace process on the root's registry serves for the
     length of the job; on Databricks the host and token come from the config, the environment
     or a secret scope (never from arguments that end up in logs)."""
-    from lakevision.serving.client import resolve_token
-    from lakevision.serving.workspace import local_workspace_process
+    from lakevision.serving.client import workspace_connection
 
     d = rt.config.deployment.deployment
     name = model_name or d.model_name
-
-    def run(url: str | None, token: str | None) -> dict[str, Any]:
+    with workspace_connection(rt, host) as (url, token):
         pipeline = DeploymentPipeline(url, token, name, rt.experiment_name, runtime=rt, task=task)
         report = pipeline.run_pipeline(dict(d.metrics_threshold), endpoint, model_uri=model_uri,
                                        traffic_percentage=traffic_percentage)
-        report["workspace"] = url
-        return report
-
-    if rt.kind == "local" and host is None:
-        with local_workspace_process(rt.root) as (url, token):
-            return run(url, token)
-    return run(host or d.workspace.host, resolve_token(None, d.workspace.secret_scope, d.workspace.secret_key))
+    report["workspace"] = url
+    return report

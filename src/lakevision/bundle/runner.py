@@ -1,0 +1,381 @@
+"""``lakevision bundle run``: one job of the bundle on this machine, with the semantics of a
+Databricks job run.
+
+Tasks run one at a time in dependency order (a 2-core laptop gains nothing from running two
+training processes side by side), each in its own process with its job cluster's
+``spark_env_vars``, so a task starts as cleanly as on a fresh cluster. Between tasks the runner
+does what the Jobs service does: resolves ``{{job.parameters.*}}`` and ``{{tasks.*.values.*}}``,
+evaluates condition tasks, applies ``run_if`` and ``depends_on`` outcomes, retries
+``max_retries`` times, enforces ``timeout_seconds``, and marks dependents of a failed task
+``UPSTREAM_FAILED``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lakevision.bundle.loader import Bundle, BundleError, Problem
+from lakevision.bundle.task_context import TASK_VALUES_ENV, widget_env
+from lakevision.bundle.validate import DYNAMIC_REF, notebook_file, validate_bundle
+from lakevision.errors import LakevisionError
+from lakevision.runtime import ROOT_ENV
+
+SUCCESS, FAILED, UPSTREAM_FAILED, EXCLUDED, TIMED_OUT = "SUCCESS", "FAILED", "UPSTREAM_FAILED", "EXCLUDED", "TIMED_OUT"
+_LOG_TAIL_LINES = 12
+HEARTBEAT_S = 30.0  # how often a long task reports its latest log line
+
+# Runs the console script `entry_point` of distribution `package` with the remaining arguments,
+# as a python_wheel_task does on a cluster.
+_WHEEL_LAUNCHER = """
+import sys
+from importlib.metadata import distribution
+package, entry_point = sys.argv[1:3]
+matches = [e for e in distribution(package).entry_points if e.group == "console_scripts" and e.name == entry_point]
+if not matches:
+    sys.exit(f"package {package} has no console_scripts entry point {entry_point!r}")
+sys.argv = [entry_point, *sys.argv[3:]]
+sys.exit(matches[0].load()())
+"""
+
+
+class JobRunError(LakevisionError):
+    """A job that cannot be started (unknown job or parameter)."""
+
+
+@dataclass
+class TaskRun:
+    task_key: str
+    status: str
+    seconds: float = 0.0
+    attempts: int = 0
+    values: dict[str, Any] = field(default_factory=dict)
+    outcome: str | None = None  # condition tasks: "true" / "false"
+    message: str = ""
+    log: str | None = None
+
+
+@dataclass
+class JobRun:
+    job_key: str
+    run_id: int
+    target: str
+    status: str
+    parameters: dict[str, str]
+    tasks: list[TaskRun]
+    seconds: float
+    run_dir: str
+
+    def task(self, key: str) -> TaskRun:
+        return next(t for t in self.tasks if t.task_key == key)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def render_value(value: Any) -> str:
+    """A task value as ``{{tasks.X.values.Y}}`` renders it: JSON booleans, plain strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return json.dumps(value)
+
+
+def compare(left: str, op: str, right: str) -> bool:
+    """A condition task: numbers compare as numbers, anything else as strings."""
+    try:
+        a, b = float(left), float(right)
+    except ValueError:
+        a, b = left, right  # type: ignore[assignment]
+    return {"EQUAL_TO": a == b, "NOT_EQUAL": a != b, "GREATER_THAN": a > b, "GREATER_THAN_OR_EQUAL": a >= b,
+            "LESS_THAN": a < b, "LESS_THAN_OR_EQUAL": a <= b}[op]
+
+
+def topological_order(tasks: list[dict]) -> list[dict]:
+    """Dependencies first; among tasks that are ready, the order they are written in."""
+    pending = list(tasks)
+    done: set[str] = set()
+    order: list[dict] = []
+    while pending:
+        ready = next(t for t in pending if all(d["task_key"] in done for d in t.get("depends_on") or []))
+        pending.remove(ready)
+        done.add(ready["task_key"])
+        order.append(ready)
+    return order
+
+
+def decide(run_if: str, deps: list[str]) -> str | None:
+    """None when the task runs, else the status it gets. ``deps`` are each dependency's state as
+    this task sees it: "success", "failed" or "excluded" (skipped, or a condition outcome that
+    does not match)."""
+    if not deps:
+        return None
+    ok, failed = deps.count("success"), deps.count("failed")
+    rule = {
+        "ALL_SUCCESS": ok == len(deps),
+        "AT_LEAST_ONE_SUCCESS": ok > 0,
+        "NONE_FAILED": failed == 0 and ok > 0,
+        "ALL_DONE": True,
+        "AT_LEAST_ONE_FAILED": failed > 0,
+        "ALL_FAILED": failed == len(deps),
+    }[run_if]
+    if rule:
+        return None
+    if failed and run_if in ("ALL_SUCCESS", "AT_LEAST_ONE_SUCCESS", "NONE_FAILED"):
+        return UPSTREAM_FAILED
+    return EXCLUDED
+
+
+def _dep_state(dep: dict, upstream: TaskRun) -> str:
+    if upstream.status in (FAILED, UPSTREAM_FAILED, TIMED_OUT):
+        return "failed"
+    if upstream.status != SUCCESS:
+        return "excluded"
+    if "outcome" in dep and upstream.outcome != str(dep["outcome"]).lower():
+        return "excluded"
+    return "success"
+
+
+def _summary(values: dict[str, Any], width: int = 60) -> str:
+    parts = []
+    for k, v in values.items():
+        text = render_value(v)
+        parts.append(f"{k}={text if len(text) <= width else text[:width - 3] + '...'}")
+    return ", ".join(parts)
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    errors = [ln for ln in text if ": error: " in ln]  # the lakevision CLI's own one-line error
+    return errors[-1] if errors else "\n".join(ln for ln in text[-lines:] if ln.strip())
+
+
+def _last_line(path: Path, width: int = 110) -> str:
+    """The newest line of a log, progress bars included (they redraw with carriage returns)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 4096))
+        tail = f.read().decode(errors="replace")
+    lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][:width] if lines else ""
+
+
+class LocalJobRunner:
+    """Runs ``bundle``'s jobs here; ``root`` is the local data root every task shares."""
+
+    def __init__(self, bundle: Bundle, root: str | os.PathLike,
+                 progress: Callable[[str, TaskRun | None, int, int], None] | None = None):
+        problems = validate_bundle(bundle)
+        if problems:
+            raise BundleError(problems)
+        self.bundle = bundle
+        self.root = Path(root).resolve()
+        self.progress = progress
+
+    # ------------------------------------------------------------------ references
+    def _resolve(self, text: str, ctx: dict[str, Any], where: str) -> str:
+        def sub(m) -> str:
+            ref = m.group(1)
+            parts = ref.split(".")
+            if parts[:2] == ["job", "parameters"]:
+                return ctx["parameters"][parts[2]]
+            if parts[0] == "tasks":
+                values = ctx["values"].get(parts[1], {})
+                if parts[3] not in values:
+                    raise JobRunError(f"{where}: {{{{{ref}}}}}: task {parts[1]!r} set no value {parts[3]!r} "
+                                      f"(it set: {sorted(values) or 'none'})")
+                return render_value(values[parts[3]])
+            return render_value(ctx["run"][ref])
+
+        return DYNAMIC_REF.sub(sub, text)
+
+    # ------------------------------------------------------------------ one task
+    def _command(self, task: dict, job: dict, ctx: dict, key: str) -> tuple[list[str], dict[str, str]]:
+        where = f"task {task['task_key']!r}"
+        env: dict[str, str] = {}
+        src = self.bundle.sources[("jobs", key)]
+        if "python_wheel_task" in task:
+            w = task["python_wheel_task"]
+            res = [self._resolve(str(p), ctx, where) for p in w.get("parameters") or []]
+            res += [f"--{k}={self._resolve(str(v), ctx, where)}" for k, v in (w.get("named_parameters") or {}).items()]
+            return [sys.executable, "-c", _WHEEL_LAUNCHER, w["package_name"], w["entry_point"], *res], env
+        if "spark_python_task" in task:
+            s = task["spark_python_task"]
+            res = [self._resolve(str(p), ctx, where) for p in s.get("parameters") or []]
+            return [sys.executable, str((src.parent / s["python_file"]).resolve()), *res], env
+        if "notebook_task" in task:
+            n = task["notebook_task"]
+            # notebooks see the job's parameters and their base_parameters as widgets
+            widgets = {**ctx["parameters"], **{k: self._resolve(str(v), ctx, where)
+                                              for k, v in (n.get("base_parameters") or {}).items()}}
+            env.update({widget_env(k): v for k, v in widgets.items()})
+            return [sys.executable, str(notebook_file(src.parent, n["notebook_path"]))], env
+        kind = next(k for k in task if k.endswith("_task"))
+        raise JobRunError(f"{where}: a {kind} cannot run on this machine; only python_wheel_task, "
+                          "spark_python_task, notebook_task and condition_task can")
+
+    def _cluster_env(self, task: dict, job: dict) -> dict[str, str]:
+        spec = task.get("new_cluster")
+        if spec is None and task.get("job_cluster_key"):
+            spec = next(c["new_cluster"] for c in job.get("job_clusters") or []
+                        if c.get("job_cluster_key") == task["job_cluster_key"])
+        return {k: str(v) for k, v in ((spec or {}).get("spark_env_vars") or {}).items()}
+
+    def _run_process(self, task: dict, job: dict, key: str, ctx: dict, run_dir: Path,
+                     deadline: float | None) -> TaskRun:
+        tkey = task["task_key"]
+        log = run_dir / f"{tkey}.log"
+        values_file = run_dir / f"{tkey}.values.json"
+        result = TaskRun(tkey, FAILED, log=str(log))
+        try:
+            argv, extra_env = self._command(task, job, ctx, key)
+        except JobRunError as exc:
+            result.message = str(exc)
+            return result
+        env = {**os.environ, **self._cluster_env(task, job), **extra_env,
+               TASK_VALUES_ENV: str(values_file), ROOT_ENV: str(self.root), "PYTHONUNBUFFERED": "1"}
+        retries = int(task.get("max_retries") or 0)
+        interval = int(task.get("min_retry_interval_millis") or 0) / 1000
+        limit = task.get("timeout_seconds") or None
+        for attempt in range(1, retries + 2):
+            result.attempts = attempt
+            values_file.unlink(missing_ok=True)
+            timeout = limit
+            if deadline is not None:
+                timeout = min(timeout or 1e9, max(1.0, deadline - time.monotonic()))
+            with open(log, "a") as out:
+                shown = argv[4:] if argv[1] == "-c" else argv[1:]  # the wheel launcher's code is noise
+                out.write(f"=== attempt {attempt}: {shlex.join(shown)}\n")
+                out.flush()
+                # its own session, so a timeout kills the task's Spark, Ray and workspace children too
+                code = self._wait(subprocess.Popen(argv, cwd=self.bundle.root, env=env, stdout=out,
+                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                   start_new_session=True),
+                                  timeout, result, log)
+            if code is None:
+                result.status, result.message = TIMED_OUT, f"did not finish within {timeout:.0f} s"
+                return result
+            if code == 0:
+                result.status = SUCCESS
+                result.values = json.loads(values_file.read_text()) if values_file.exists() else {}
+                result.message = _summary(result.values)
+                return result
+            result.message = f"exit code {code}: {_tail(log)}"
+            if attempt <= retries:
+                time.sleep(interval)
+        return result
+
+    def _wait(self, proc: subprocess.Popen, timeout: float | None, result: TaskRun, log: Path) -> int | None:
+        """The exit code, or None after killing a process that ran past ``timeout``; reports the
+        log's latest line every HEARTBEAT_S so a long task shows it is alive."""
+        started = time.monotonic()
+        beat = started
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except KeyboardInterrupt:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                raise
+            except subprocess.TimeoutExpired:
+                now = time.monotonic()
+                if timeout is not None and now - started > timeout:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return None
+                if now - beat >= HEARTBEAT_S:
+                    beat = now
+                    last = _last_line(log)
+                    self._report("running", TaskRun(result.task_key, "RUNNING", seconds=round(now - started, 1),
+                                                    message=last), 0, 0)
+
+    def _run_condition(self, task: dict, ctx: dict) -> TaskRun:
+        c = task["condition_task"]
+        where = f"task {task['task_key']!r}"
+        try:
+            left, right = self._resolve(str(c["left"]), ctx, where), self._resolve(str(c["right"]), ctx, where)
+        except JobRunError as exc:
+            return TaskRun(task["task_key"], FAILED, attempts=1, message=str(exc))
+        outcome = "true" if compare(left, c["op"], right) else "false"
+        return TaskRun(task["task_key"], SUCCESS, attempts=1, outcome=outcome,
+                       message=f"{left!r} {c['op']} {right!r} -> {outcome}")
+
+    # ------------------------------------------------------------------ the job
+    def run(self, job_key: str, parameters: dict[str, str] | None = None) -> JobRun:
+        job = self.bundle.job(job_key)
+        defaults = {p["name"]: render_value(p.get("default")) for p in job.get("parameters") or []}
+        unknown = sorted(set(parameters or {}) - set(defaults))
+        if unknown:
+            raise JobRunError(f"job {job_key!r} has no parameter {unknown[0]!r}; parameters: {sorted(defaults)}")
+        params = {**defaults, **(parameters or {})}
+        run_id = time.time_ns() // 1_000_000
+        run_dir = self.root / "runs" / job_key / str(run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        deadline = started + job["timeout_seconds"] if job.get("timeout_seconds") else None
+        ctx: dict[str, Any] = {"parameters": params, "values": {}, "run": {
+            "job.id": job_key, "job.name": job.get("name", job_key), "job.run_id": str(run_id),
+            "job.repair_count": "0", "job.trigger.type": "one_time",
+            "job.start_time.iso_date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "job.start_time.iso_datetime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "job.start_time.timestamp_ms": str(run_id)}}
+        order = topological_order(job.get("tasks") or [])
+        runs: dict[str, TaskRun] = {}
+        for i, task in enumerate(order, 1):
+            tkey = task["task_key"]
+            deps = [_dep_state(d, runs[d["task_key"]]) for d in task.get("depends_on") or []]
+            skip = decide(task.get("run_if", "ALL_SUCCESS"), deps)
+            if skip is None and deadline is not None and time.monotonic() > deadline:
+                skip = TIMED_OUT
+            if skip is not None:
+                runs[tkey] = TaskRun(tkey, skip, message="not run: " + ", ".join(
+                    f"{d['task_key']} {runs[d['task_key']].status.lower()}"
+                    + (f" (outcome {runs[d['task_key']].outcome}, needs {d['outcome']})" if "outcome" in d else "")
+                    for d in task.get("depends_on") or []))
+                self._report("done", runs[tkey], i, len(order))
+                continue
+            self._report("start", TaskRun(tkey, "RUNNING"), i, len(order))
+            ctx["run"].update({"task.name": tkey, "task.run_id": f"{run_id}-{i}", "task.execution_count": "1"})
+            t0 = time.monotonic()
+            if "condition_task" in task:
+                result = self._run_condition(task, ctx)
+            else:
+                result = self._run_process(task, job, job_key, ctx, run_dir, deadline)
+            result.seconds = round(time.monotonic() - t0, 2)
+            runs[tkey] = result
+            ctx["values"][tkey] = result.values
+            self._report("done", result, i, len(order))
+        tasks = [runs[t["task_key"]] for t in job.get("tasks") or []]
+        failed = any(t.status in (FAILED, TIMED_OUT) for t in tasks)
+        run = JobRun(job_key, run_id, self.bundle.target, FAILED if failed else SUCCESS, params, tasks,
+                     round(time.monotonic() - started, 2), str(run_dir))
+        (run_dir / "run.json").write_text(json.dumps(run.to_json(), indent=2))
+        return run
+
+    def _report(self, event: str, task: TaskRun, i: int, n: int) -> None:
+        if self.progress is not None:
+            self.progress(event, task, i, n)
+
+
+def parse_params(items: list[str], flag: str) -> dict[str, str]:
+    """``k=v`` strings from the command line."""
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise BundleError([Problem("<command line>", flag, f"{item!r}: expected NAME=VALUE")])
+        out[k] = v
+    return out

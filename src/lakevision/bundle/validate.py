@@ -1,0 +1,268 @@
+"""``lakevision bundle validate``: the checks of ``databricks bundle validate`` that need no workspace.
+
+The resource schemas come from the ``databricks-bundles`` classes (unknown fields, bad enums,
+bad types). On top of those, what they do not check: one task type per task, ``depends_on``
+naming real tasks without a cycle, ``outcome`` only after a condition task, job clusters that
+exist, files, notebooks and wheel entry points that exist, and ``{{tasks.X.values.Y}}`` /
+``{{job.parameters.Y}}`` references that can be satisfied.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from lakevision.bundle.loader import Bundle, Problem
+
+DYNAMIC_REF = re.compile(r"\{\{\s*([\w.-]+)\s*\}\}")
+_RUN_REFS = {"job.id", "job.name", "job.run_id", "job.repair_count", "job.start_time.iso_date",
+             "job.start_time.iso_datetime", "job.start_time.timestamp_ms", "job.trigger.type",
+             "job.trigger.time.iso_datetime", "task.name", "task.run_id", "task.execution_count",
+             "task.notebook_path"}
+
+
+def _resource_classes() -> dict[str, type]:
+    from databricks.bundles.experiments import MlflowExperiment
+    from databricks.bundles.jobs import Job
+    from databricks.bundles.registered_models import RegisteredModel
+    from databricks.bundles.schemas import Schema
+    from databricks.bundles.volumes import Volume
+
+    return {"jobs": Job, "experiments": MlflowExperiment, "registered_models": RegisteredModel,
+            "schemas": Schema, "volumes": Volume}
+
+
+def task_types() -> list[str]:
+    """The task type fields of a job task (``notebook_task``, ``python_wheel_task``, ...)."""
+    from databricks.bundles.jobs import Task
+
+    return sorted(f.name for f in fields(Task) if f.name.endswith("_task"))
+
+
+def _find(tree: Any, token: str, path: str) -> str | None:
+    """The YAML path of the first key or scalar equal to ``token`` (to place a schema error)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            sub = f"{path}.{k}"
+            if k == token:
+                return sub
+            hit = _find(v, token, sub)
+            if hit:
+                return hit
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            hit = _find(v, token, f"{path}[{i}]")
+            if hit:
+                return hit
+    elif str(tree) == token:
+        return path
+    return None
+
+
+def _schema_problem(exc: Exception, definition: dict, path: str) -> tuple[str, str]:
+    message = str(exc)
+    quoted = re.findall(r"'([^']*)'", message) or re.findall(r": (\S+)$", message)
+    for token in quoted:
+        hit = _find(definition, token, path)
+        if hit:
+            return hit, message
+    return path, message
+
+
+def _upstream(tasks: dict[str, dict]) -> dict[str, set[str]]:
+    """Every task's transitive dependencies (cycles are reported separately)."""
+    memo: dict[str, set[str]] = {}
+
+    def walk(key: str, stack: tuple[str, ...]) -> set[str]:
+        if key in memo:
+            return memo[key]
+        out: set[str] = set()
+        for dep in tasks.get(key, {}).get("depends_on") or []:
+            k = dep.get("task_key")
+            if k in tasks and k not in stack:
+                out |= {k} | walk(k, (*stack, k))
+        memo[key] = out
+        return out
+
+    return {k: walk(k, (k,)) for k in tasks}
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """One dependency cycle as ``[a, b, ..., a]``, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt in graph and state.get(nxt) is None:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if state.get(node) is None:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def _project_scripts(bundle: Bundle) -> dict[str, dict[str, str]]:
+    """package name -> console scripts, from the pyproject.toml of each wheel artifact."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in bundle.artifacts.values():
+        if (spec or {}).get("type", "whl") != "whl":
+            continue
+        pyproject = bundle.root / (spec.get("path") or ".") / "pyproject.toml"
+        if pyproject.is_file():
+            project = tomllib.loads(pyproject.read_text()).get("project", {})
+            out[project.get("name", "").replace("-", "_")] = project.get("scripts", {})
+    return out
+
+
+def _artifact_dirs(bundle: Bundle) -> list[Path]:
+    return [(bundle.root / (spec.get("path") or ".") / "dist").resolve() for spec in bundle.artifacts.values()]
+
+
+def notebook_file(base: Path, notebook_path: str) -> Path | None:
+    """The file of a notebook path, which a bundle may give without its extension."""
+    p = (base / notebook_path).resolve()
+    for candidate in (p, *(p.with_name(p.name + ext) for ext in (".py", ".ipynb", ".sql", ".scala", ".r"))):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_files(bundle: Bundle, rel: str, path: str, task: dict, base: Path) -> list[Problem]:
+    problems = []
+    checks = [("spark_python_task", "python_file")]
+    for ttype, key in checks:
+        file = (task.get(ttype) or {}).get(key)
+        if file and (task.get(ttype) or {}).get("source") != "GIT" and not (base / file).resolve().is_file():
+            problems.append(Problem(rel, f"{path}.{ttype}.{key}", f"file not found: {file} (relative to {rel})"))
+    nb = (task.get("notebook_task") or {}).get("notebook_path")
+    if nb and (task.get("notebook_task") or {}).get("source") != "GIT" and notebook_file(base, nb) is None:
+        problems.append(Problem(rel, f"{path}.notebook_task.notebook_path", f"notebook not found: {nb} (relative to {rel})"))
+    for i, lib in enumerate(task.get("libraries") or []):
+        for kind in ("whl", "jar", "requirements"):
+            ref = lib.get(kind)
+            if not ref or "://" in ref or ref.startswith(("/Workspace", "/Volumes", "dbfs:")):
+                continue
+            target = (base / ref).resolve()
+            built = any(target.parent == d for d in _artifact_dirs(bundle)) and kind == "whl"
+            if not built and not list(target.parent.glob(target.name)):
+                problems.append(Problem(rel, f"{path}.libraries[{i}].{kind}",
+                                        f"{ref} does not exist and no artifact of the bundle builds it"))
+    return problems
+
+
+def _check_job(bundle: Bundle, key: str, job: dict) -> list[Problem]:
+    src = bundle.sources.get(("jobs", key), bundle.root / "databricks.yml")
+    rel, base, jpath = bundle.rel(src), src.parent, f"resources.jobs.{key}"
+    problems: list[Problem] = []
+    tasks_list = job.get("tasks") or []
+    types = task_types()
+    tasks: dict[str, dict] = {}
+    task_paths: dict[str, str] = {}
+    for i, task in enumerate(tasks_list):
+        tpath = f"{jpath}.tasks[{i}]"
+        if not isinstance(task, dict):
+            problems.append(Problem(rel, tpath, "a task must be a mapping"))
+            continue
+        tkey = task.get("task_key")
+        if not tkey:
+            problems.append(Problem(rel, tpath, "task_key is required"))
+            continue
+        if tkey in tasks:
+            problems.append(Problem(rel, f"{tpath}.task_key", f"duplicate task_key {tkey!r}"))
+        tasks[tkey], task_paths[tkey] = task, tpath
+        present = [t for t in types if t in task]
+        if len(present) != 1:
+            what = "has no task type" if not present else f"has {len(present)} task types ({', '.join(present)})"
+            problems.append(Problem(rel, tpath, f"task {tkey!r} {what}; exactly one of {', '.join(types)} is required"))
+        problems += _check_files(bundle, rel, tpath, task, base)
+    cluster_keys = {c.get("job_cluster_key") for c in job.get("job_clusters") or []}
+    param_names = {p.get("name") for p in job.get("parameters") or []}
+    graph: dict[str, list[str]] = {}
+    for tkey, task in tasks.items():
+        tpath = task_paths[tkey]
+        graph[tkey] = []
+        for j, dep in enumerate(task.get("depends_on") or []):
+            dkey = dep.get("task_key")
+            if dkey not in tasks:
+                problems.append(Problem(rel, f"{tpath}.depends_on[{j}].task_key",
+                                        f"task {tkey!r} depends on {dkey!r}, which is not a task of job {key!r}"))
+                continue
+            graph[tkey].append(dkey)
+            if "outcome" in dep and "condition_task" not in tasks[dkey]:
+                problems.append(Problem(rel, f"{tpath}.depends_on[{j}].outcome",
+                                        f"outcome is only allowed on a condition_task dependency; {dkey!r} is not one"))
+        ck = task.get("job_cluster_key")
+        if ck and ck not in cluster_keys:
+            problems.append(Problem(rel, f"{tpath}.job_cluster_key",
+                                    f"job cluster {ck!r} is not defined in {jpath}.job_clusters"))
+    cycle = find_cycle(graph)
+    if cycle:
+        problems.append(Problem(rel, f"{jpath}.tasks", "depends_on has a cycle: " + " -> ".join(cycle)))
+    upstream = _upstream(tasks)
+    scripts = _project_scripts(bundle)
+    for tkey, task in tasks.items():
+        tpath = task_paths[tkey]
+        for ref in sorted(set(DYNAMIC_REF.findall(str(task)))):
+            parts = ref.split(".")
+            if parts[:2] == ["job", "parameters"] and len(parts) == 3:
+                if parts[2] not in param_names:
+                    problems.append(Problem(rel, tpath, f"{{{{{ref}}}}}: job {key!r} has no parameter {parts[2]!r}"))
+            elif parts[0] == "tasks" and len(parts) >= 4 and parts[2] == "values":
+                if parts[1] not in upstream.get(tkey, set()):
+                    problems.append(Problem(rel, tpath, f"{{{{{ref}}}}}: task {parts[1]!r} is not upstream of "
+                                                        f"{tkey!r}, so its values are not there yet"))
+            elif ref not in _RUN_REFS:
+                problems.append(Problem(rel, tpath, f"{{{{{ref}}}}}: unknown dynamic value reference"))
+        wheel = task.get("python_wheel_task")
+        if wheel:
+            pkg = str(wheel.get("package_name", "")).replace("-", "_")
+            if pkg not in scripts:
+                problems.append(Problem(rel, f"{tpath}.python_wheel_task.package_name",
+                                        f"no wheel artifact of the bundle is package {pkg!r}; artifacts build {sorted(scripts)}"))
+            elif wheel.get("entry_point") not in scripts[pkg]:
+                problems.append(Problem(rel, f"{tpath}.python_wheel_task.entry_point",
+                                        f"{wheel.get('entry_point')!r} is not an entry point of {pkg} "
+                                        f"(pyproject.toml [project.scripts]: {sorted(scripts[pkg])})"))
+    return problems
+
+
+def validate_bundle(bundle: Bundle) -> list[Problem]:
+    """Every problem of ``bundle`` (an empty list when it is valid)."""
+    problems = list(bundle.problems)
+    classes = _resource_classes()
+    for rtype, items in bundle.resources.items():
+        for key, definition in items.items():
+            src = bundle.rel(bundle.sources.get((rtype, key), bundle.root / "databricks.yml"))
+            path = f"resources.{rtype}.{key}"
+            cls = classes.get(rtype)
+            if cls is None:
+                problems.append(Problem(src, path, f"resource type {rtype!r} is not checked here; "
+                                                   f"known: {sorted(classes)}"))
+                continue
+            if not isinstance(definition, dict):
+                problems.append(Problem(src, path, "a resource must be a mapping"))
+                continue
+            try:
+                cls.from_dict(definition)
+            except (ValueError, TypeError, KeyError) as exc:
+                where, message = _schema_problem(exc, definition, path)
+                problems.append(Problem(src, where, message))
+            if rtype == "jobs":
+                problems += _check_job(bundle, key, definition)
+    return sorted(set(problems), key=lambda p: (p.file, p.path, p.message))

@@ -1,0 +1,98 @@
+"""``make demo``: the sample dataset through the bundle's ``cv_pipeline`` job on this machine, then
+one query to the deployed endpoint and a report of what every stage left behind."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lakevision.bundle.loader import load_bundle
+from lakevision.bundle.runner import SUCCESS, JobRun, LocalJobRunner
+from lakevision.cli import print_task_progress
+from lakevision.runtime import local_root
+
+DEMO_JOB = "cv_pipeline"
+DEMO_TARGET = "local"
+
+
+def query_endpoint(root: Path, endpoint: str, model_name: str, image: Path) -> dict[str, Any]:
+    """Start the local workspace again (endpoints persist) and ask ``endpoint`` about ``image``."""
+    from lakevision.serving.model_server import ModelServer
+    from lakevision.serving.workspace import local_workspace_process
+
+    with local_workspace_process(root) as (url, token):
+        server = ModelServer(url, token, model_name)
+        t0 = time.perf_counter()
+        preds, served_by = server.query(endpoint, [base64.b64encode(image.read_bytes()).decode()])
+        ms = (time.perf_counter() - t0) * 1000
+        state = server.monitor_endpoint(endpoint)
+    return {"image": str(image), "served_by": served_by, "latency_ms": round(ms, 1), "prediction": preds[0],
+            "state": state["state"], "routes": state["routes"]}
+
+
+def _report(run: JobRun, root: Path, sample: dict | None) -> list[str]:
+    values = {t.task_key: t.values for t in run.tasks}
+    status = {t.task_key: t.status for t in run.tasks}
+    lines = ["", "=" * 72, f"lakevision demo: {run.job_key} {run.status} in {run.seconds / 60:.1f} min", "=" * 72]
+    ingest = values.get("ingest") or {}
+    if ingest:
+        versions = ", ".join(f"{k} v{v}" for k, v in ingest["table_versions"].items())
+        lines.append(f"Delta tables under {root / 'tables'}: {versions}; {ingest['quarantined']} records quarantined")
+    train = values.get("train") or {}
+    if train:
+        lines.append(f"MLflow run {train['run_id']}: {train['model_uri']} (best {train['best_metric']} "
+                     f"{train['best_value']:.3f}, data version {train['data_version']})")
+    metrics = (values.get("evaluate") or {}).get("metrics") or {}
+    if metrics:
+        shown = {k: v for k, v in metrics.items() if k in ("map", "map_50", "map_75", "accuracy", "miou")}
+        lines.append("test metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+    gate = values.get("gate") or {}
+    if gate:
+        registered = f", registered version {gate['model_version']}" if gate.get("model_version") else ""
+        lines.append(f"gate: {'passed' if gate['passed'] else 'FAILED'}: {gate['message']}{registered}")
+    deploy = values.get("deploy") or {}
+    if deploy:
+        lines.append(f"deploy: {deploy['status']} to endpoint {deploy['endpoint']}, champion version "
+                     f"{deploy['champion_version']}")
+    elif "deploy" in status:
+        lines.append(f"deploy: {status['deploy']} (the gate did not pass)")
+    if sample:
+        pred = sample["prediction"]
+        boxes = pred.get("boxes") or []
+        top = sorted(zip(pred.get("scores") or [], pred.get("categories") or [], boxes, strict=False), reverse=True)[:3]
+        lines.append(f"endpoint {sample['state']['ready']}; routes "
+                     + ", ".join(f"{r['served_entity_name']} {r['traffic_percentage']}%" for r in sample["routes"]))
+        lines.append(f"sample query ({Path(sample['image']).name}, {sample['latency_ms']} ms, {sample['served_by']}): "
+                     f"{len(boxes)} boxes; top: " + "; ".join(f"{c} {s:.2f} {[round(x) for x in b]}" for s, c, b in top))
+    lines.append(f"task logs: {run.run_dir}")
+    lines.append(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} "
+                 f"--default-artifact-root {root / 'mlruns'}")
+    return lines
+
+
+def run_demo(root: str | os.PathLike | None = None, images: int = 400, bundle_dir: str | os.PathLike = ".") -> int:
+    from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
+
+    root = local_root(root).resolve()
+    t0 = time.monotonic()
+    data_dir = root / "sample"
+    print(f"generating {images} sample images (and one bad record of each kind) in {data_dir}", flush=True)
+    ds = generate_dataset(data_dir, num_images=images, seed=0, defects={c: 1 for c in DEFECT_CODES})
+    bundle = load_bundle(bundle_dir, DEMO_TARGET, local_files=True)
+    print(f"running job {DEMO_JOB} of bundle {bundle.name} (target {DEMO_TARGET}) with data root {root}", flush=True)
+    runner = LocalJobRunner(bundle, root, progress=print_task_progress)
+    run = runner.run(DEMO_JOB, {"annotations": str(ds.annotation_file), "images": str(ds.image_dir)})
+    sample = None
+    deploy = next((t for t in run.tasks if t.task_key == "deploy"), None)
+    if deploy is not None and deploy.status == SUCCESS:
+        image = sorted(Path(ds.image_dir).iterdir())[0]
+        sample = query_endpoint(root, deploy.values["endpoint"], bundle.variables["model_name"], image)
+    for line in _report(run, root, sample):
+        print(line)
+    summary = {"status": run.status, "minutes": round((time.monotonic() - t0) / 60, 2)}
+    print(json.dumps(summary))
+    return 0 if run.status == SUCCESS else 1
