@@ -17,7 +17,7 @@ demo: setup
 	$(BIN)/lakevision demo
 
 test: setup
-	$(BIN)/ruff check src jobs tests benchmarks
+	$(BIN)/ruff check src jobs tests benchmarks notebooks
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -85,3 +85,32 @@ def test_unknown_target(tmp_path):
 def test_missing_config_dir(tmp_path):
     with pytest.raises(ConfigError, match="config directory does not exist"):
         load_config(tmp_path / "nope")
+
+
+def test_cpu_profile_lays_over_the_files_and_set_wins():
+    cfg = load_config(CONFIG_DIR, "local", ["training.data.image_size=96"], profile="cpu")
+    t = cfg.training.training
+    assert (t.data.image_size, t.model.learning_rate, t.distributed.use_gpu) == (96, 1e-3, False)
+    assert t.model.weight_decay == pytest.approx(1e-5)  # untouched keys keep the file's value
+    assert cfg.profile == str(CONFIG_DIR / "profiles" / "cpu.yaml")
+
+
+def test_profile_errors_name_the_profile(tmp_path):
+    bad = tmp_path / "tiny.yaml"
+    bad.write_text("training:\n  data:\n    image_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"training_config.yaml \+ .*tiny.yaml: training.data.image_sise: Extra inputs"):
+        load_config(CONFIG_DIR, "local", profile=str(bad))
+    bad.write_text("trainig:\n  data: {}\n")
+    with pytest.raises(ConfigError, match=r"tiny.yaml: trainig: unknown section"):
+        load_config(CONFIG_DIR, "local", profile=str(bad))
+    with pytest.raises(ConfigError, match=r"profile 'laptop' not found; known profiles: \['cpu', 'gpu'\]"):
+        load_config(CONFIG_DIR, "local", profile="laptop")
+
+
+def test_target_and_uc_names_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LAKEVISION_TARGET", "staging")
+    monkeypatch.setenv("LAKEVISION_SCHEMA", "from_bundle")
+    monkeypatch.setenv("LAKEVISION_EXPERIMENT", "/Shared/x")
+    cfg = load_config(CONFIG_DIR)
+    assert cfg.target_name == "staging"
+    assert (cfg.target.schema_, cfg.target.experiment, cfg.target.catalog) == ("from_bundle", "/Shared/x", "main")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from lakevision.runtime import ROOT_ENV
 
 SUCCESS, FAILED, UPSTREAM_FAILED, EXCLUDED, TIMED_OUT = "SUCCESS", "FAILED", "UPSTREAM_FAILED", "EXCLUDED", "TIMED_OUT"
 _LOG_TAIL_LINES = 12
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HEARTBEAT_S = 30.0  # how often a long task reports its latest log line
 
 # Runs the console script `entry_point` of distribution `package` with the remaining arguments,
@@ -168,6 +170,7 @@ def _last_line(path: Path, width: int = 110) -> str:
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - 4096))
         tail = f.read().decode(errors="replace")
+    tail = _ANSI.sub("", tail)  # Ray colours its worker prefixes
     lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
     return lines[-1][:width] if lines else ""
 

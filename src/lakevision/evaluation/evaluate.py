@@ -99,7 +99,7 @@ def _instance_outputs(model, records: SplitRecords, label_to_cat: dict[int, int]
     return preds
 
 
-def _ground_truth(records: SplitRecords, with_masks: bool) -> list[dict]:
+def ground_truth(records: SplitRecords, with_masks: bool) -> list[dict]:
     gts = []
     for rec in records.annotations:
         anns = rec["annotations"]
@@ -149,7 +149,9 @@ def _draw(ax, image: np.ndarray, gt: dict | None, pred: dict | None, names: dict
             ax.text(x0, y0, text, color=color, fontsize=6, va="bottom")
 
 
-def _grid(records: SplitRecords, gts: list[dict], preds: list[dict], order: list[int], names: dict[int, str], title: str):
+def image_grid(records: SplitRecords, gts: list[dict], preds: list[dict | None], order: list[int], names: dict[int, str],
+               title: str):
+    """Up to nine images of ``records`` in ``order`` with their ground truth and, where given, predictions."""
     from lakevision.training.dataset import load_rgb
 
     picks = order[:_GRID]
@@ -159,7 +161,8 @@ def _grid(records: SplitRecords, gts: list[dict], preds: list[dict], order: list
         ax.set_axis_off()
     for ax, i in zip(axes.flat, picks):
         _draw(ax, load_rgb(records.image_paths[i]), gts[i], preds[i], names, f"image {gts[i]['image_id']}")
-    fig.suptitle(f"{title} (green: ground truth, red: predictions >= 0.5)")
+    legend = "green: ground truth" + (", red: predictions >= 0.5" if any(p is not None for p in preds) else "")
+    fig.suptitle(f"{title} ({legend})")
     return fig
 
 
@@ -206,7 +209,7 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
     else:
         label_to_cat = {i + 1: c for i, c in enumerate(records.category_ids)}
         preds = _instance_outputs(model, records, label_to_cat, task, batch_size)
-        gts = _ground_truth(records, with_masks=task == "segmentation")
+        gts = ground_truth(records, with_masks=task == "segmentation")
         det = DetectionMetrics()
         box_gts = [{k: g[k] for k in ("image_id", "boxes", "labels", "iscrowd", "area")} for g in gts]
         box_preds = [{k: p[k] for k in ("image_id", "boxes", "labels", "scores")} for p in preds]
@@ -222,8 +225,8 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
         figures = {
             "evaluation/pr_curve.png": det.plot_precision_recall_curve(
                 box_preds, box_gts, class_names=[names.get(i, str(i)) for i in range(1, max(records.category_ids) + 1)]),
-            "evaluation/samples.png": _grid(records, gts, preds, list(range(len(preds))), names, "sample predictions"),
-            "evaluation/worst_errors.png": _grid(records, gts, preds, list(np.argsort(recall, kind="stable")), names,
+            "evaluation/samples.png": image_grid(records, gts, preds, list(range(len(preds))), names, "sample predictions"),
+            "evaluation/worst_errors.png": image_grid(records, gts, preds, list(np.argsort(recall, kind="stable")), names,
                                                  "worst errors (lowest recall at IoU 0.5)"),
         }
     report = _report(task, model_uri, records, metrics)

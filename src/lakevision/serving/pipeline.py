@@ -11,7 +11,6 @@ import math
 import time
 from typing import Any
 
-from lakevision.errors import LakevisionError
 from lakevision.registry.gate import MetricGate
 from lakevision.registry.model_registry import ModelRegistry, registered_name
 from lakevision.runtime import Runtime
@@ -21,10 +20,6 @@ log = logging.getLogger(__name__)
 
 _SMOKE_IMAGES = 8
 _MAX_SMOKE_FACTOR = 10  # at most this many times smoke_requests while waiting for the canary's share
-
-
-class NoRunError(LakevisionError, LookupError):
-    pass
 
 
 class DeploymentPipeline:
@@ -43,31 +38,9 @@ class DeploymentPipeline:
     # ------------------------------------------------------------------ steps
     def best_run(self) -> dict[str, Any]:
         """The finished training run of ``task`` with the best headline validation metric."""
-        from mlflow import MlflowClient
+        from lakevision.training.train import best_training_run
 
-        from lakevision.training.train import MODEL_URI_TAG, TASK_TAG
-
-        client = MlflowClient(self.rt.tracking_uri)
-        exp = client.get_experiment_by_name(self.experiment_name)
-        if exp is None:
-            raise NoRunError(f"experiment {self.experiment_name!r} does not exist; run `lakevision train` first")
-        metric = f"best_{self._validation_metric()}"
-        runs = client.search_runs([exp.experiment_id],
-                                  filter_string=f"attributes.status = 'FINISHED' and tags.`{TASK_TAG}` = '{self.task}'",
-                                  order_by=[f"metrics.{metric} DESC"], max_results=1)
-        if not runs or MODEL_URI_TAG not in runs[0].data.tags:
-            raise NoRunError(f"experiment {self.experiment_name!r} has no finished {self.task} training run with a model")
-        run = runs[0]
-        return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "metric": metric,
-                "value": run.data.metrics.get(metric)}
-
-    def _validation_metric(self) -> str:
-        """The metric the train job logs as ``best_<name>`` for this task's configured model."""
-        from lakevision.training.models import is_semantic
-        from lakevision.training.ray_trainer import BEST_METRIC
-
-        arch = getattr(self.rt.config.training.training.model.architectures, self.task)
-        return BEST_METRIC["semantic" if is_semantic(arch) else self.task][0]
+        return best_training_run(self.rt, self.task, self.experiment_name)
 
     def smoke_images(self) -> list[str]:
         """Test-split images of the gold table, base64 as a caller sends them."""

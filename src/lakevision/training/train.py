@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lakevision.errors import DataError
+from lakevision.errors import DataError, LakevisionError
 from lakevision.runtime import Runtime
 from lakevision.tracking import ExperimentTracker
 from lakevision.packaging.exports import log_exports
@@ -27,6 +27,32 @@ log = logging.getLogger(__name__)
 
 MODEL_URI_TAG = "lakevision.model_uri"
 TASK_TAG = "lakevision.task"
+
+
+class NoRunError(LakevisionError, LookupError):
+    """No finished training run to pick."""
+
+
+def best_training_run(rt: Runtime, task: str, experiment_name: str | None = None) -> dict[str, Any]:
+    """The finished training run of ``task`` with the best headline validation metric (the
+    ``best_<metric>`` this job logs): its run id, model URI, metric name and value."""
+    from mlflow import MlflowClient
+
+    experiment_name = experiment_name or rt.experiment_name
+    client = MlflowClient(rt.tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        raise NoRunError(f"experiment {experiment_name!r} does not exist; run `lakevision train` first")
+    arch = getattr(rt.config.training.training.model.architectures, task)
+    metric = f"best_{BEST_METRIC['semantic' if is_semantic(arch) else task][0]}"
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"attributes.status = 'FINISHED' and tags.`{TASK_TAG}` = '{task}'",
+                              order_by=[f"metrics.{metric} DESC"], max_results=1)
+    if not runs or MODEL_URI_TAG not in runs[0].data.tags:
+        raise NoRunError(f"experiment {experiment_name!r} has no finished {task} training run with a model")
+    run = runs[0]
+    return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "metric": metric,
+            "value": run.data.metrics.get(metric)}
 _EXPORT_SAMPLES = 2  # validation images each export is compared with the eager model on
 
 

@@ -1,0 +1,137 @@
+"""The bundle's cv_pipeline job run end to end here by `lakevision bundle run` on tiny data:
+once through deploy, then again with a gate it cannot pass (deploy excluded, endpoint unchanged)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lakevision.data.synthetic import generate_dataset
+
+from .conftest import REPO
+
+TINY = {
+    "training": {"data": {"image_size": 64, "batch_size": 2, "loader_workers": 0},
+                 "optimization": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 2,
+                                  "early_stopping_patience": None},
+                 "distributed": {"num_workers": 1, "use_gpu": False, "cluster": "local"}},
+    "deployment": {"metrics_threshold": {"map_50": 0.0}, "canary": {"smoke_requests": 2},
+                   "serving": {"exports": []}},
+}
+ENDPOINT = "lakevision-detector"  # the bundle's endpoint_name for the local target
+
+
+def _run_job(root: Path, job: str, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEVISION_")}
+    proc = subprocess.run([sys.executable, "-m", "lakevision.cli", "bundle", "run", "-t", "local", job, "--json",
+                           "--root", str(root), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _run_pipeline(root: Path, data, profile: Path) -> dict:
+    return _run_job(root, "cv_pipeline", "--var", f"profile={profile}", "--var", "ray_workers=1",
+                    "--param", f"annotations={data.annotation_file}", "--param", f"images={data.image_dir}")
+
+
+def _profile(tmp_path: Path, name: str, threshold: float) -> Path:
+    doc = json.loads(json.dumps(TINY))
+    doc["deployment"]["metrics_threshold"] = {"map_50": threshold}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _mlflow_state(root: Path) -> tuple[dict, int]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", registry_uri=f"sqlite:///{root / 'mlflow.db'}")
+    model = client.get_registered_model("lakevision_detector")
+    versions = client.search_model_versions("name='lakevision_detector'")
+    return dict(model.aliases), len(versions)
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    data = generate_dataset(base / "data", num_images=24, seed=5, image_size=(96, 128))
+    root = base / "root"
+    first = _run_pipeline(root, data, _profile(base, "pass", 0.0))
+    record = (root / "workspace" / "endpoints" / f"{ENDPOINT}.json").read_text()
+    aliases = _mlflow_state(root)
+    monitor = _run_job(root, "monitor")
+    monitor_missing = _run_job(root, "monitor", "--var", "endpoint_name=no-such-endpoint")
+    second = _run_pipeline(root, data, _profile(base, "fail", 1.01))
+    return {"root": root, "first": first, "second": second, "record_after_first": record,
+            "mlflow_after_first": aliases, "monitor": monitor, "monitor_missing": monitor_missing}
+
+
+def _tasks(run: dict) -> dict:
+    return {t["task_key"]: t for t in run["tasks"]}
+
+
+def test_every_stage_succeeds_and_passes_its_values_on(pipeline_runs):
+    run = pipeline_runs["first"]
+    tasks = _tasks(run)
+    assert run["status"] == "SUCCESS", {k: t["message"] for k, t in tasks.items()}
+    assert [t["task_key"] for t in run["tasks"]] == ["ingest", "train", "evaluate", "gate", "gate_passed", "deploy"]
+    assert all(t["status"] == "SUCCESS" for t in run["tasks"])
+    ingest, train, evaluate, gate = (tasks[k]["values"] for k in ("ingest", "train", "evaluate", "gate"))
+    assert ingest["samples_version"] == 0 and ingest["quarantined"] == 0
+    assert set(ingest["table_versions"]) >= {"images", "annotations", "categories", "quarantine", "samples"}
+    # train and evaluate read the table version ingest wrote, and evaluate scored train's model
+    assert train["data_version"] == evaluate["data_version"] == 0
+    assert train["model_uri"].startswith("models:/") and train["task"] == "detection"
+    assert evaluate["run_id"] == train["run_id"] and 0.0 <= evaluate["metrics"]["map_50"] <= 1.0
+    assert gate == {"passed": True, "message": gate["message"], "model_version": "1"}
+    assert tasks["gate_passed"]["outcome"] == "true"
+    assert tasks["deploy"]["values"] == {"status": "deployed", "endpoint": ENDPOINT, "champion_version": "1"}
+
+
+def test_deployed_state_is_real(pipeline_runs):
+    root = pipeline_runs["root"]
+    aliases, versions = pipeline_runs["mlflow_after_first"]
+    assert aliases == {"champion": "1"} and versions == 1
+    record = json.loads(pipeline_runs["record_after_first"])
+    assert record["state"] == {"config_update": "NOT_UPDATING", "ready": "READY"}
+    assert [(e["entity_name"], e["entity_version"]) for e in record["config"]["served_entities"]] == [
+        ("lakevision_detector", "1")]
+    # the table the runner's ingest wrote is a Delta table at the version it reported
+    from deltalake import DeltaTable
+
+    assert DeltaTable(str(root / "tables" / "lakevision" / "samples")).version() == 0
+    logs = Path(pipeline_runs["first"]["run_dir"])
+    assert {p.name for p in logs.glob("*.log")} == {f"{k}.log" for k in ("ingest", "train", "evaluate", "gate", "deploy")}
+
+
+def test_failed_gate_excludes_deploy_and_leaves_the_endpoint(pipeline_runs):
+    run = pipeline_runs["second"]
+    tasks = _tasks(run)
+    # a failed gate is an outcome, not an error: the job is green and deploy never ran
+    assert run["status"] == "SUCCESS", {k: t["message"] for k, t in tasks.items()}
+    assert tasks["gate"]["values"]["passed"] is False
+    assert "map_50" in tasks["gate"]["values"]["message"] and tasks["gate"]["values"]["model_version"] is None
+    assert tasks["gate_passed"]["outcome"] == "false"
+    assert tasks["deploy"]["status"] == "EXCLUDED" and tasks["deploy"]["attempts"] == 0
+    # re-ingesting the same files wrote nothing new; a new model was trained but not registered
+    assert tasks["ingest"]["values"]["samples_version"] == 0
+    assert tasks["train"]["values"]["model_uri"] != _tasks(pipeline_runs["first"])["train"]["values"]["model_uri"]
+    root = pipeline_runs["root"]
+    assert (root / "workspace" / "endpoints" / f"{ENDPOINT}.json").read_text() == pipeline_runs["record_after_first"]
+    assert _mlflow_state(root) == pipeline_runs["mlflow_after_first"]
+
+
+def test_monitor_job_checks_the_deployed_endpoint(pipeline_runs):
+    ok = pipeline_runs["monitor"]
+    assert ok["status"] == "SUCCESS" and ok["tasks"][0]["values"] == {"healthy": True, "problems": []}
+    missing = pipeline_runs["monitor_missing"]
+    assert missing["status"] == "FAILED"
+    assert missing["tasks"][0]["message"] == (
+        "exit code 2: lakevision monitor: error: endpoint no-such-endpoint: endpoint no-such-endpoint does not exist")
+    assert missing["tasks"][0]["values"] == {}
