@@ -2,14 +2,15 @@
 # MAGIC %md
 # MAGIC # lakevision quickstart
 # MAGIC
-# MAGIC The whole path from raw COCO data to a scored model in one notebook:
+# MAGIC Raw COCO data into Delta tables, the first step of everything else:
 # MAGIC
 # MAGIC 1. **Data**: a COCO annotation file and its image folder, or (when none is given) the synthetic
 # MAGIC    shapes dataset with one bad record of every kind, so the quarantine has something to show.
 # MAGIC 2. **Ingest** into Delta: silver `images`, `annotations`, `categories`, the `quarantine` and the
 # MAGIC    gold `samples` table with its train/val/test split.
-# MAGIC 3. **Train** a torchvision model with Ray Train, logged to MLflow.
-# MAGIC 4. **Evaluate** it on the gold test split with COCO metrics.
+# MAGIC
+# MAGIC Then `02_explore_data` looks at the tables, `03_train` trains a model, `04_evaluate` scores it and
+# MAGIC `05_deploy_and_query` serves it. The bundle's `cv_pipeline` job runs all of it on a schedule.
 # MAGIC
 # MAGIC The same notebook runs on Databricks (Unity Catalog tables, the cluster's Spark) and on a laptop
 # MAGIC (`python notebooks/01_quickstart.py`: Sail, Delta folders and a sqlite MLflow under `root`).
@@ -77,37 +78,7 @@ print("quarantined by reason:", ingest.quarantine_by_reason)
 # COMMAND ----------
 
 # MAGIC %md
-# MAGIC ## 3. Train
-# MAGIC `task` is `classification`, `detection` or `segmentation` (empty: `training.task` of the config).
-# MAGIC Ray Train runs on Ray-on-Spark on a Databricks GPU cluster and on local Ray elsewhere.
-
-# COMMAND ----------
-
-from lakevision.training.train import run_training
-
-trained = run_training(rt, widget("task") or None)
-print(f"MLflow run {trained['run_id']}\nmodel {trained['model_uri']}")
-print(f"best {trained['best_metric']['name']} = {trained['best_metric']['value']}")
-
-# COMMAND ----------
-
-# MAGIC %md
-# MAGIC ## 4. Evaluate
-# MAGIC The model on the gold test split at the same data version; metrics, figures and a report go
-# MAGIC into the model's MLflow run, per-image predictions into the `predictions` table.
-
-# COMMAND ----------
-
-from lakevision.evaluation.evaluate import run_evaluation
-
-evaluation = run_evaluation(rt, trained["model_uri"], data_version=trained["data_version"])
-print(f"{evaluation['task']} on {evaluation['images']} test images (data version {evaluation['data_version']})")
-print(pd.Series(evaluation["metrics"], name="test").round(4).to_string())
-
-# COMMAND ----------
-
-# MAGIC %md
-# MAGIC Next: `02_explore_data` looks at the tables, `05_deploy_and_query` serves the model.
+# MAGIC Next: `02_explore_data` looks at these tables, `03_train` trains on the gold split.
 
 # COMMAND ----------
 

@@ -13,7 +13,7 @@ from lakevision.packaging.pyfunc import ServingSpec, log_image_model
 from lakevision.tracking import ExperimentTracker
 from lakevision.training.dataset import SplitRecords, load_split
 from lakevision.training.models import build_model
-from lakevision.training.train import MODEL_URI_TAG, TASK_TAG
+from lakevision.training.train import MODEL_URI_TAG, REFERENCE_PROFILE_ARTIFACT, TASK_TAG, reference_profile
 
 IMAGE_SIZE = 64  # small: these models are untrained, only their plumbing matters
 
@@ -35,6 +35,8 @@ def log_trained_model(runtime, seed: int, task: str = "classification", arch: st
     with tracker:
         tracker.log_parameters({"task": task, "training": {"data": {"image_size": IMAGE_SIZE}}})
         info = log_image_model(model, spec_for(records, task, arch), Path(records.image_paths[0]).read_bytes())
+        tracker.log_dict(reference_profile(model, load_split(runtime, "train"), IMAGE_SIZE).to_dict(),
+                         REFERENCE_PROFILE_ARTIFACT)
         tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task})
         if best_metric is not None:
             tracker.log_metrics({"best_val_acc" if task == "classification" else "best_val_map_50": best_metric})

@@ -239,23 +239,31 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from lakevision.monitoring.health import endpoint_health
+    from lakevision.monitoring.monitor import run_monitoring
 
     with _stdout_for_json(args.json), _runtime(args) as rt:
-        report = endpoint_health(rt, args.endpoint, args.host)
-    set_task_values(healthy=report["healthy"], problems=report["problems"])
+        report = run_monitoring(rt, args.endpoint, args.host, retrain=not args.no_retrain,
+                                retrain_job=args.retrain_job, bundle_dir=args.bundle)
+    health = report["health"]
+    set_task_values(healthy=health["healthy"], problems=health["problems"], retrain=report["retrain"],
+                    reasons=report["reasons"], model_version=report["model_version"],
+                    triggered=(report["triggered"] or {}).get("run_id") or (report["triggered"] or {}).get("pid"))
     if args.json:
         print(json.dumps(report, default=str))
     else:
-        status = report["status"]
+        status = health["status"]
         if status:
             routes = ", ".join(f"{r['served_entity_name']} {r['traffic_percentage']}%" for r in status["routes"])
-            m = status["metrics"]
             print(f"endpoint {status['name']}: {status['state']['ready']}, {status['state']['config_update']}; {routes}")
-            print(f"last {m['window_s']} s: {m['requests']} requests, error rate {m['error_rate']:.3f}")
-        print("healthy" if report["healthy"] else "UNHEALTHY: " + "; ".join(report["problems"]))
-    if not report["healthy"]:
-        raise EndpointUnhealthyError(f"endpoint {report['endpoint']}: " + "; ".join(report["problems"]))
+        for s in report["stats"]:
+            print(f"  {s['served_entity_id']}: {s['requests']} requests, p50 {s.get('latency_p50_ms')} ms, "
+                  f"p99 {s.get('latency_p99_ms')} ms, error rate {s.get('error_rate')}")
+        print("healthy" if health["healthy"] else "UNHEALTHY: " + "; ".join(health["problems"]))
+        print(f"drift: {'retrain' if report['retrain'] else 'no retrain'}; " + "; ".join(report["reasons"]))
+        if report["triggered"]:
+            print(f"started {report['triggered']}")
+    if not health["healthy"]:
+        raise EndpointUnhealthyError(f"endpoint {report['endpoint']}: " + "; ".join(health["problems"]))
     return 0
 
 
@@ -385,9 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_deploy)
 
-    p = sub.add_parser("monitor", help="endpoint health: state, latency and error rate against the bounds")
+    p = sub.add_parser("monitor", help="endpoint health, metrics from the inference table, drift, retraining")
     p.add_argument("--endpoint", default=None, help="serving endpoint (default: deployment.endpoint_name)")
     p.add_argument("--host", default=None, help="workspace URL (default: a local workspace for --target local)")
+    p.add_argument("--retrain-job", default=None,
+                   help="job to start when retraining is due: a job id on Databricks, a bundle job key here "
+                        "(default: deployment.monitoring.retrain_job)")
+    p.add_argument("--no-retrain", action="store_true", help="report a due retraining without starting it")
+    p.add_argument("--bundle", default=".", help="folder with databricks.yml, for a local retraining run")
     _common(p)
     p.set_defaults(func=cmd_monitor)
 

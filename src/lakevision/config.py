@@ -6,6 +6,7 @@ one place with a message that names the file and the key path.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -159,10 +160,38 @@ class EndpointSettings(_Strict):
         return self
 
 
+class DriftSettings(_Strict):
+    """When the monitor calls the traffic drifted, and when it asks for a new model."""
+
+    psi_threshold: float = Field(0.2, gt=0, description="PSI above which a feature may count as drifted")
+    ks_alpha: float = Field(0.01, gt=0, lt=1, description="family-wise level of the KS tests over all features")
+    embedding_alpha: float = Field(0.01, gt=0, lt=1, description="level of the embedding two-sample test")
+    min_samples: int = Field(100, gt=0, description="current images needed for a drift verdict")
+    max_metric_drop: float = Field(0.05, ge=0, description="tolerated metric loss vs. the baseline, in its units")
+    max_reference_samples: int = Field(5000, gt=0, description="reference feature samples tested against")
+    permutations: int = Field(200, gt=0, description="permutations of the embedding test")
+
+    @model_validator(mode="after")
+    def _permutations_can_reject(self) -> DriftSettings:
+        # a permutation p-value is at least 1 / (permutations + 1), and it must get below alpha
+        needed = math.floor(1 / self.embedding_alpha)
+        if self.permutations < needed:
+            raise ValueError(f"permutations ({self.permutations}) cannot give a p-value below embedding_alpha "
+                             f"({self.embedding_alpha:g}); use at least {needed}")
+        return self
+
+
 class MonitoringSettings(_Strict):
     metrics: list[Literal["latency", "throughput", "error_rate"]] = ["latency", "throughput", "error_rate"]
     max_error_rate: float = Field(0.05, ge=0, le=1, description="an endpoint above this is unhealthy")
     max_p99_latency_ms: float | None = Field(None, gt=0, description="null: latency is reported, not judged")
+    inference_table: bool = Field(True, description="log every request to an AI Gateway inference table")
+    inference_table_prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$",
+                                               description="table <prefix>_payload; null: the endpoint name")
+    window_minutes: float = Field(60, gt=0, description="traffic the monitor job looks at")
+    drift: DriftSettings = DriftSettings()
+    retrain_job: str = Field("cv_pipeline", description="job the monitor starts when retraining is due: a bundle "
+                                                        "job key here, a job id on Databricks")
 
 
 class CanarySettings(_Strict):

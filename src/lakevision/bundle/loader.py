@@ -145,10 +145,11 @@ def _lookup(tree: Any, dotted: str) -> tuple[bool, Any]:
 class _Resolver:
     """Substitutes ``${...}`` references; what cannot be resolved becomes a :class:`Problem`."""
 
-    def __init__(self, context: dict, resources: dict, deploy_time: set[str]):
+    def __init__(self, context: dict, resources: dict, deploy_time: set[str], local_ids: bool = False):
         self.context = context
         self.resources = resources
         self.deploy_time = deploy_time  # resource fields known only after deploy (ids, urls)
+        self.local_ids = local_ids  # on this machine a resource's id is its key (as the local runner's job.id)
         self.problems: list[tuple[str, str]] = []  # (yaml path, message)
 
     def value(self, ref: str) -> tuple[bool, Any]:
@@ -159,6 +160,8 @@ class _Resolver:
                 return True, v
             parts = ref.split(".")
             if len(parts) >= 4 and parts[3] in self.deploy_time and parts[2] in self.resources.get(parts[1], {}):
+                if self.local_ids and parts[3] == "id":
+                    return True, parts[2]
                 return True, "${" + ref + "}"  # left for deploy time, like the CLI does
             return False, None
         return _lookup(self.context, ref)
@@ -331,7 +334,7 @@ def load_bundle(root: str | os.PathLike = ".", target: str | None = None,
     deploy_time = {"id", "url", "full_name", "experiment_id", "volume_path", "storage_location"}
     raw = resources
     for _ in range(_MAX_PASSES):
-        r = _Resolver(context, raw, deploy_time)
+        r = _Resolver(context, raw, deploy_time, local_files)
         resolved = {rt: {k: r.resolve(d, f"resources.{rt}.{k}") for k, d in items.items()} for rt, items in raw.items()}
         if resolved == raw:
             break

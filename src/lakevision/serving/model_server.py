@@ -126,6 +126,19 @@ class ModelServer:
                     f"serving {self.model_name} v{self.model_version} at 100%")
         return endpoint_name
 
+    def enable_inference_table(self, endpoint_name: str, catalog: str | None, schema: str, table_name_prefix: str) -> None:
+        """Log every request and response of ``endpoint_name`` to the AI Gateway inference table
+        ``catalog.schema.<table_name_prefix>_payload`` (locally ``<root>/tables/<schema>/...``)."""
+        from databricks.sdk.service.serving import AiGatewayInferenceTableConfig
+
+        config = AiGatewayInferenceTableConfig(catalog_name=catalog, schema_name=schema,
+                                               table_name_prefix=table_name_prefix, enabled=True)
+        try:
+            self.client.serving_endpoints.put_ai_gateway(endpoint_name, inference_table_config=config)
+        except Exception as exc:
+            raise DeploymentError(f"endpoint {endpoint_name}: enabling the inference table "
+                                  f"{schema}.{table_name_prefix}_payload failed: {exc}") from None
+
     def update_endpoint(self, endpoint_name: str, new_model_version: str, traffic_percentage: int = 100) -> None:
         """Serve ``new_model_version`` with ``traffic_percentage`` of the requests; below 100 the
         version that had most traffic keeps the rest (a canary), other versions are dropped."""

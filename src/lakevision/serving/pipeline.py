@@ -14,6 +14,7 @@ from typing import Any
 from lakevision.registry.gate import MetricGate
 from lakevision.registry.model_registry import ModelRegistry, registered_name
 from lakevision.runtime import Runtime
+from lakevision.serving.inference_log import inference_table_prefix
 from lakevision.serving.model_server import DeploymentError, ModelServer, entity_name
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ class DeploymentPipeline:
         from lakevision.training.train import best_training_run
 
         return best_training_run(self.rt, self.task, self.experiment_name)
+
+    def _log_requests(self, endpoint: str) -> None:
+        """Turn on the endpoint's inference table (idempotent, so every deploy asserts it)."""
+        if self.settings.monitoring.inference_table:
+            target = self.rt.config.target
+            self.server.enable_inference_table(endpoint, target.catalog, target.schema_,
+                                               inference_table_prefix(self.settings, endpoint))
 
     def smoke_images(self) -> list[str]:
         """Test-split images of the gold table, base64 as a caller sends them."""
@@ -127,6 +135,7 @@ class DeploymentPipeline:
             try:
                 self.server.create_endpoint(endpoint, ep.instance_type, ep.min_instances, ep.max_instances,
                                             ep.scale_to_zero)
+                self._log_requests(endpoint)
                 smoke = self.smoke_test(endpoint, new, 100, images)
             except DeploymentError as exc:
                 smoke = {"healthy": False, "problems": [str(exc)]}
@@ -135,6 +144,7 @@ class DeploymentPipeline:
                 self.server.delete_endpoint(endpoint)
                 return {"status": "rolled_back", "action": "created_then_deleted", "version": version, "smoke": smoke}
             return {"status": "deployed", "action": "created", "version": version, "steps": [100], "smoke": smoke}
+        self._log_requests(endpoint)
         before = self.server.snapshot(endpoint)
         if [r["served_entity_name"] for r in before.routes if r["traffic_percentage"] == 100] == [new]:
             return {"status": "deployed", "action": "already_serving", "version": version, "steps": []}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import hmac
 import json
 import logging
@@ -57,6 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lakevision.errors import LakevisionError
 from lakevision.serving.endpoint_metrics import CONTENT_TYPE, RequestStats, RequestWindow, render_endpoint_metrics
+from lakevision.serving.inference_log import InferenceLogger, inference_row, payload_table_name
 from lakevision.tracking import local_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,24 @@ def _parse_tags(endpoint: str, raw: Any) -> list[dict]:
 # --- records as answered ----------------------------------------------------------------------
 
 
+def _parse_ai_gateway(endpoint: str, raw: Any) -> dict:
+    """The part of an AI Gateway config the local workspace acts on: its inference table."""
+    if not isinstance(raw, dict):
+        raise _invalid(f"endpoint {endpoint}: ai_gateway must be an object")
+    table = raw.get("inference_table_config")
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise _invalid(f"endpoint {endpoint}: ai_gateway.inference_table_config must be an object")
+    out = {"enabled": bool(table.get("enabled", False))}
+    for key in ("catalog_name", "schema_name", "table_name_prefix"):
+        if key in table:
+            out[key] = _check_name(table[key], f"ai_gateway.inference_table_config.{key}")
+    if out["enabled"] and not {"schema_name", "table_name_prefix"} <= set(out):
+        raise _invalid(f"endpoint {endpoint}: an enabled inference table needs schema_name and table_name_prefix")
+    return {"inference_table_config": out}
+
+
 def _entity_state(deployment: str, message: str) -> dict:
     return {"deployment": deployment, "deployment_state_message": message}
 
@@ -355,6 +375,9 @@ class LocalWorkspace:
         self._closed = False
         self._models = _ModelCache(_load_model)
         self._window = RequestWindow()
+        self._loggers: dict[Path, InferenceLogger] = {}
+        # who sent a request, without the token itself
+        self._requester = "token-sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
         self._server: Any = None  # uvicorn.Server
         self._thread: threading.Thread | None = None
         self._app = self._build_app()
@@ -407,6 +430,9 @@ class LocalWorkspace:
             self._server = self._thread = None
         with self._lock:
             self._closed = True
+            loggers = list(self._loggers.values())
+        for logger in loggers:  # after the server: every answered request is queued by now
+            logger.close()
         self._models.shutdown()
 
     def __enter__(self) -> LocalWorkspace:
@@ -487,6 +513,8 @@ class LocalWorkspace:
         }
         if isinstance(body.get("description"), str):
             record["description"] = body["description"]
+        if body.get("ai_gateway") is not None:
+            record["ai_gateway"] = _parse_ai_gateway(name, body["ai_gateway"])
         with self._lock:
             if name in self._endpoints:
                 raise ApiError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint {name!r} already exists")
@@ -514,6 +542,47 @@ class LocalWorkspace:
             self._save(record)
             self._start_loading(record, "pending_config")
             return _detailed(record)
+
+    def _put_ai_gateway(self, name: str, body: dict) -> dict:
+        gateway = _parse_ai_gateway(name, body)
+        with self._lock:
+            record = self._get(name).record
+            record["ai_gateway"] = gateway
+            record["last_updated_timestamp"] = _now_ms()
+            self._save(record)
+        return gateway
+
+    def wait_restored(self, timeout: float = 120) -> None:
+        """Block until the endpoints restored from records have reloaded their models (or failed
+        to): a job that starts a workspace judges endpoints, not a process still warming up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                recovering = sorted(name for name, ep in self._endpoints.items() if any(
+                    e["state"]["deployment"] == "DEPLOYMENT_RECOVERING"
+                    for e in ep.record.get("config", {}).get("served_entities", [])))
+            if not recovering:
+                return
+            if time.monotonic() > deadline:
+                raise LocalWorkspaceError(f"endpoints {recovering} did not reload within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def flush_inference_tables(self) -> int:
+        """Write every queued inference row now (they are written every second anyway)."""
+        with self._lock:
+            loggers = list(self._loggers.values())
+        return sum(logger.flush() for logger in loggers)
+
+    def _inference_logger(self, record: Mapping[str, Any]) -> InferenceLogger | None:
+        """The logger of the endpoint's inference table; None when it has none enabled."""
+        table = (record.get("ai_gateway") or {}).get("inference_table_config") or {}
+        if not table.get("enabled"):
+            return None
+        path = self.root / "tables" / table["schema_name"] / payload_table_name(table["table_name_prefix"])
+        with self._lock:
+            if path not in self._loggers:
+                self._loggers[path] = InferenceLogger(path)
+            return self._loggers[path]
 
     def _delete(self, name: str) -> None:
         with self._lock:
@@ -656,7 +725,13 @@ class LocalWorkspace:
             response = ApiError(500, "INTERNAL_ERROR",
                                 f"serving endpoint {name!r}, served entity {entity!r}: {type(exc).__name__}: {exc}"
                                 ).response()
-        self._window.record(name, entity, response.status_code, (time.perf_counter() - started) * 1000)
+        took_ms = (time.perf_counter() - started) * 1000
+        self._window.record(name, entity, response.status_code, took_ms)
+        logger = self._inference_logger(endpoint.record)
+        if logger is not None:
+            served = next(e for e in endpoint.record["config"]["served_entities"] if e["name"] == entity)
+            logger.log(inference_row(name, entity, served["entity_name"], served["entity_version"],
+                                     response.status_code, took_ms, data, bytes(response.body), self._requester))
         response.headers["served-model-name"] = entity
         return response
 
@@ -721,6 +796,10 @@ class LocalWorkspace:
         async def update_config(name: str, request: Request) -> Response:
             return JSONResponse(await run_in_threadpool(self._update_config, name, await _json_body(request)))
 
+        @api.put("/api/2.0/serving-endpoints/{name}/ai-gateway")
+        async def put_ai_gateway(name: str, request: Request) -> Response:
+            return JSONResponse(await run_in_threadpool(self._put_ai_gateway, name, await _json_body(request)))
+
         @api.get("/api/2.0/serving-endpoints/{name}/metrics")
         async def metrics(name: str) -> Response:
             return Response(self._metrics(name), media_type=CONTENT_TYPE)
@@ -754,6 +833,7 @@ def serve_forever(root: str | os.PathLike, token: str, port: int = 0) -> None:
     workspace = LocalWorkspace(root, token)
     try:
         url = workspace.start(port)
+        workspace.wait_restored()
         print(f"{LISTENING}{url}", flush=True)
         stop.wait()
     finally:

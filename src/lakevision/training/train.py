@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lakevision.data.image_profile import ImageProfile, embed_images
 from lakevision.errors import DataError, LakevisionError
 from lakevision.runtime import Runtime
 from lakevision.tracking import ExperimentTracker
@@ -26,6 +27,9 @@ from lakevision.training.ray_trainer import BEST_METRIC, RayTrainer
 log = logging.getLogger(__name__)
 
 MODEL_URI_TAG = "lakevision.model_uri"
+# the training images' statistics and embeddings, which the monitor job compares traffic with
+REFERENCE_PROFILE_ARTIFACT = "monitoring/reference_profile.json"
+_REFERENCE_IMAGES = 500
 TASK_TAG = "lakevision.task"
 
 
@@ -95,6 +99,8 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         state = torch.load(result["checkpoint_path"], map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
         info, exports = _log_packaged_model(rt, module.model.eval(), task, arch, semantic, train, val)
+        tracker.log_dict(reference_profile(module.model, train, settings.data.image_size).to_dict(),
+                         REFERENCE_PROFILE_ARTIFACT)
         best = result["best_metric"]
         if best["value"] is not None:
             tracker.log_metrics({f"best_{best['name']}": best["value"]})
@@ -116,6 +122,18 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         "cluster": result["cluster"],
         "exports": {c.format: c.passed for c in exports},
     }
+
+
+def reference_profile(model: torch.nn.Module, records: SplitRecords, image_size: int,
+                      max_images: int = _REFERENCE_IMAGES) -> ImageProfile:
+    """Image statistics and backbone embeddings of (a seeded sample of) the training images."""
+    import random
+
+    paths = list(records.image_paths)
+    if len(paths) > max_images:
+        paths = random.Random(0).sample(paths, max_images)
+    images = [load_rgb(p) for p in paths]
+    return ImageProfile.from_images(images, embeddings=embed_images(model, images, image_size))
 
 
 def _log_packaged_model(rt: Runtime, model: torch.nn.Module, task: str, arch: str, semantic: bool,

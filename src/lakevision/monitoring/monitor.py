@@ -1,0 +1,195 @@
+"""The monitor job: endpoint health, endpoint metrics from the inference table, drift of recent
+traffic from the champion's training images, and a retraining run when one is due.
+
+Each run appends its metrics to ``endpoint_monitoring`` and its drift tests to ``drift_results``
+(one row per test, with the decision), so the history of what the monitor saw is a Delta table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lakevision import delta
+from lakevision.data.image_profile import ImageProfile, embed_images
+from lakevision.errors import LakevisionError
+from lakevision.monitoring.drift import DriftReport, ModelMonitor, RetrainDecision
+from lakevision.monitoring.endpoint_stats import endpoint_stats, recent_requests, write_stats
+from lakevision.monitoring.health import endpoint_health
+from lakevision.registry.model_registry import CHAMPION, ModelRegistry
+from lakevision.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+DRIFT_TABLE = "drift_results"
+_MAX_TRAFFIC_IMAGES = 2000  # newest successful requests profiled per run
+
+
+class MonitorError(LakevisionError):
+    """The monitor cannot judge (no champion, no reference profile)."""
+
+
+def request_images(request_json: str) -> list[str]:
+    """The base64 images of one logged request body, whichever MLflow input format it used."""
+    from lakevision.packaging.pyfunc import IMAGE_COLUMN
+
+    body = json.loads(request_json)
+    if "dataframe_records" in body:
+        return [r[IMAGE_COLUMN] for r in body["dataframe_records"] if IMAGE_COLUMN in r]
+    if "dataframe_split" in body:
+        split = body["dataframe_split"]
+        i = split["columns"].index(IMAGE_COLUMN)
+        return [row[i] for row in split["data"]]
+    if "inputs" in body and isinstance(body["inputs"], dict):
+        return list(body["inputs"].get(IMAGE_COLUMN, []))
+    return []
+
+
+def traffic_images(rt: Runtime, endpoint: str, window_minutes: float, now: dt.datetime | None = None) -> list:
+    """Upright RGB arrays of the images the endpoint answered (200) in the window, newest first."""
+    import base64
+    import io
+
+    from PIL import Image
+    from pyspark.sql import functions as F
+
+    from lakevision.training.dataset import upright_rgb
+
+    rows = recent_requests(rt, endpoint, window_minutes, now)
+    if rows is None:
+        return []
+    bodies = (rows.where((F.col("status_code") == 200) & F.col("request").isNotNull())
+              .orderBy(F.col("request_time").desc()).select("request").limit(_MAX_TRAFFIC_IMAGES).collect())
+    images = []
+    for r in bodies:
+        for text in request_images(r["request"]):
+            with Image.open(io.BytesIO(base64.b64decode(text))) as im:
+                images.append(upright_rgb(im))
+            if len(images) >= _MAX_TRAFFIC_IMAGES:
+                return images
+    return images
+
+
+def champion_reference(rt: Runtime, model_name: str):
+    """The champion version, its served model and the reference profile its train run logged."""
+    import mlflow
+
+    from lakevision.packaging.pyfunc import load_image_model
+    from lakevision.training.train import REFERENCE_PROFILE_ARTIFACT
+
+    champion = ModelRegistry(rt, model_name).by_alias(CHAMPION)
+    if champion is None:
+        return None, None, None
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=REFERENCE_PROFILE_ARTIFACT)
+    except Exception as exc:  # MLflow raises several types for a missing artifact
+        raise MonitorError(f"{champion.registry_uri}: run {champion.run_id} has no {REFERENCE_PROFILE_ARTIFACT} "
+                           f"(trained before reference profiles were logged?): {exc}") from None
+    reference = ImageProfile.from_dict(json.loads(Path(path).read_text()))
+    return champion, load_image_model(champion.registry_uri), reference
+
+
+def _baseline(rt: Runtime, champion, metric: str) -> float | None:
+    from mlflow import MlflowClient
+
+    return MlflowClient(rt.tracking_uri).get_run(champion.run_id).data.metrics.get(f"test_{metric}")
+
+
+def write_drift(rt: Runtime, endpoint: str, version: str, report: DriftReport | None, retrain: bool,
+                reasons: list[str], n_current: int) -> int:
+    """Append one row per drift test (or one row saying why there was none) to ``drift_results``."""
+    import pandas as pd
+
+    now = dt.datetime.now(dt.timezone.utc)
+    base = {"measured_at": now, "endpoint_name": endpoint, "model_version": version, "n_current": n_current,
+            "retrain": retrain, "reasons": "; ".join(reasons)}
+    rows = []
+    if report is not None:
+        for name, f in report.features.items():
+            rows.append({**base, "test": name, "statistic": f.ks_statistic, "p_value": f.p_adjusted,
+                         "psi": f.psi, "drifted": f.drifted})
+        if report.embedding is not None:
+            e = report.embedding
+            rows.append({**base, "test": "embedding_mmd", "statistic": e.statistic, "p_value": e.p_value,
+                         "psi": None, "drifted": report.embedding_drifted})
+    else:
+        rows.append({**base, "test": "none", "statistic": None, "p_value": None, "psi": None, "drifted": False})
+    frame = pd.DataFrame(rows).astype({"statistic": "float64", "p_value": "float64", "psi": "float64"})
+    ref = rt.table(DRIFT_TABLE)
+    delta.append(rt.spark, rt.spark.createDataFrame(frame), ref)
+    return delta.table_version(rt.spark, ref)
+
+
+def last_run_parameters(root: Path, job: str) -> dict[str, str]:
+    """The parameters of ``job``'s newest local run, so a triggered run reads the same data."""
+    runs = sorted((root / "runs" / job).glob("*/run.json"), key=lambda p: int(p.parent.name))
+    return json.loads(runs[-1].read_text())["parameters"] if runs else {}
+
+
+def trigger_retrain(rt: Runtime, job: str, bundle_dir: str | os.PathLike = ".") -> dict:
+    """Start the training pipeline without waiting, as ``jobs.run_now`` does: ``job`` is a job id
+    for the Jobs API on Databricks, and a bundle job key run by ``lakevision bundle run`` here."""
+    if rt.kind != "local":
+        from databricks.sdk import WorkspaceClient
+
+        if not job.isdigit():
+            raise MonitorError(f"retraining is due, but {job!r} is not a job id: pass --retrain-job JOB_ID")
+        run = WorkspaceClient().jobs.run_now(job_id=int(job))
+        return {"job": job, "run_id": run.run_id}
+    params = last_run_parameters(rt.root, job)
+    log_path = rt.root / "runs" / job / f"triggered-{time.time_ns() // 1_000_000}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "lakevision.cli", "bundle", "run", job, "-t", "local", "--bundle", str(bundle_dir),
+           "--root", str(rt.root), *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return {"job": job, "pid": proc.pid, "log": str(log_path), "parameters": params}
+
+
+def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = None, retrain: bool = True,
+                   retrain_job: str | None = None, bundle_dir: str | os.PathLike = ".") -> dict[str, Any]:
+    """One pass of the monitor job; the report says what it measured, decided and started."""
+    d = rt.config.deployment.deployment
+    m = d.monitoring
+    name = endpoint or d.endpoint_name
+    now = dt.datetime.now(dt.timezone.utc)  # one window for the metrics and the drift test
+    report: dict[str, Any] = {"endpoint": name, "window_end": now, "health": endpoint_health(rt, name, host)}
+    stats = endpoint_stats(rt, name, m.window_minutes, now)
+    report["stats"] = stats
+    report["monitoring_table_version"] = write_stats(rt, stats)
+    champion, served, reference = champion_reference(rt, d.model_name)
+    if champion is None:
+        decision = RetrainDecision(True, [f"{d.model_name} has no {CHAMPION} yet"])
+        report.update(model_version=None, drift=None, retrain=decision.retrain, reasons=decision.reasons)
+        version = None
+    else:
+        images = traffic_images(rt, name, m.window_minutes, now)
+        current = None
+        if images:
+            current = ImageProfile.from_images(images, embeddings=embed_images(served.model, images,
+                                                                                served.spec.image_size))
+        from lakevision.registry.gate import lower_is_better
+        from lakevision.training.ray_trainer import BEST_METRIC
+
+        metric = BEST_METRIC["semantic" if served.spec.semantic else served.spec.task][0].removeprefix("val_")
+        monitor = ModelMonitor(reference, m.drift, baseline_metric=_baseline(rt, champion, metric),
+                               metric_name=metric, higher_is_better=not lower_is_better(metric))
+        decision = monitor.should_retrain(current_profile=current)
+        if current is None:
+            decision.reasons.append(f"no successful requests in the last {m.window_minutes:g} minutes")
+        version = champion.version
+        report.update(model_version=version, n_current=len(images), retrain=decision.retrain,
+                      reasons=decision.reasons, drift=decision.drift.to_dict() if decision.drift else None)
+    report["drift_table_version"] = write_drift(rt, name, version or "", decision.drift, decision.retrain,
+                                                decision.reasons, report.get("n_current", 0))
+    report["triggered"] = (trigger_retrain(rt, retrain_job or m.retrain_job, bundle_dir)
+                           if decision.retrain and retrain else None)
+    return report

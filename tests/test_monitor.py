@@ -1,0 +1,127 @@
+"""The monitor job on a real deployment: a champion served by the local workspace with its
+inference table on, traffic from the training distribution (no retrain) and brightened traffic
+(retrain, naming brightness), results in Delta tables; the local retrain trigger."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deltalake import DeltaTable
+from PIL import Image
+
+from lakevision.config import load_config
+from lakevision.monitoring.monitor import DRIFT_TABLE, request_images, run_monitoring, trigger_retrain
+from lakevision.packaging.pyfunc import encode_image
+from lakevision.runtime import Runtime
+from lakevision.serving.model_server import ModelServer
+from lakevision.serving.pipeline import run_deployment
+from lakevision.serving.workspace import LocalWorkspace
+from lakevision.training.dataset import load_rgb, load_split
+
+from .conftest import CONFIG_DIR
+from .models import log_trained_model
+from .test_bundle import _mini_bundle, _py
+
+TOKEN = "monitor-test-token"
+ENDPOINT = "monitored"
+
+
+def _jpeg(rgb: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    return encode_image(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def deployed(ingested_runtime, tmp_path_factory):
+    cfg = load_config(CONFIG_DIR, "local", [
+        "deployment.canary.smoke_requests=2", "deployment.metrics_threshold={accuracy: 0.0}",
+        "deployment.monitoring.drift.min_samples=30", "deployment.monitoring.window_minutes=30"])
+    rt = Runtime(config=cfg, spark=ingested_runtime.spark, kind="local", root=tmp_path_factory.mktemp("monitor"))
+    # the ingested tables live in the shared runtime's root: point this root's tables at them
+    (rt.root / "tables").symlink_to(ingested_runtime.root / "tables")
+    uri, _ = log_trained_model(rt, seed=3)
+    ws = LocalWorkspace(rt.root, TOKEN)
+    url = ws.start()
+    yield rt, ws, url, uri
+    ws.stop()
+
+
+def _send(url: str, images: list[str]) -> None:
+    server = ModelServer(url, TOKEN, "lakevision_detector")
+    for image in images:
+        server.query(ENDPOINT, [image])
+
+
+def test_same_distribution_traffic_does_not_retrain(deployed, monkeypatch):
+    rt, ws, url, uri = deployed
+    monkeypatch.setenv("DATABRICKS_TOKEN", TOKEN)
+    report = run_deployment(rt, model_uri=uri, endpoint=ENDPOINT, host=url)
+    assert report["status"] == "deployed"
+    paths = load_split(rt, ["train", "val", "test"]).image_paths
+    _send(url, [_jpeg(load_rgb(p)) for p in paths])
+    ws.flush_inference_tables()
+    result = run_monitoring(rt, ENDPOINT, host=url, retrain=False)
+    assert result["health"]["healthy"] and result["model_version"] == "1"
+    assert result["n_current"] >= len(paths)  # the smoke test's requests are traffic too
+    assert result["retrain"] is False, result["reasons"]
+    assert result["drift"]["drifted_features"] == [] and result["triggered"] is None
+    (entity,) = result["stats"]
+    assert entity["requests"] == result["n_current"] and entity["error_rate"] == 0.0
+    assert entity["latency_p50_ms"] > 0
+
+
+def test_brightened_traffic_triggers_retraining(deployed, monkeypatch):
+    rt, ws, url, _ = deployed
+    monkeypatch.setenv("DATABRICKS_TOKEN", TOKEN)
+    paths = load_split(rt, ["train", "val", "test"]).image_paths
+    brighter = [np.clip(load_rgb(p).astype(np.int16) + 60, 0, 255).astype(np.uint8) for p in paths]
+    time.sleep(2)  # a gap after the earlier, unshifted traffic, which the window must leave out
+    t0 = time.monotonic()
+    _send(url, [_jpeg(im) for im in brighter] * 3)
+    ws.flush_inference_tables()
+    window = (time.monotonic() - t0 + 1) / 60  # the bright stream and half the gap
+    rt2 = Runtime(config=load_config(CONFIG_DIR, "local", [
+        "deployment.monitoring.drift.min_samples=30", f"deployment.monitoring.window_minutes={window}"]),
+        spark=rt.spark, kind="local", root=rt.root)
+    result = run_monitoring(rt2, ENDPOINT, host=url, retrain=False)
+    assert result["n_current"] == 3 * len(brighter)
+    assert result["retrain"] is True
+    assert "brightness" in result["drift"]["drifted_features"]
+    assert any(r.startswith("brightness drifted") for r in result["reasons"])
+    drift = DeltaTable(rt.table(DRIFT_TABLE).path).to_pandas()
+    last = drift[drift["measured_at"] == drift["measured_at"].max()]
+    assert bool(last.loc[last["test"] == "brightness", "drifted"].iloc[0])
+    assert set(last["retrain"]) == {True} and "embedding_mmd" in set(last["test"])
+    assert len(drift) > len(last)  # the first run's rows are kept
+
+
+def test_request_images_reads_every_input_format():
+    assert request_images(json.dumps({"dataframe_records": [{"image": "a"}, {"image": "b"}]})) == ["a", "b"]
+    assert request_images(json.dumps({"dataframe_split": {"columns": ["x", "image"], "data": [[1, "c"]]}})) == ["c"]
+    assert request_images(json.dumps({"inputs": {"image": ["d"]}})) == ["d"]
+
+
+def test_local_trigger_starts_the_job_with_the_last_parameters(tmp_path, spark, config):
+    bundle = _mini_bundle(tmp_path, [_py("step", "v:got={{job.parameters.data}}")],
+                          parameters=[{"name": "data", "default": "default-data"}])
+    root = tmp_path / "root"
+    last = root / "runs" / "j" / "1000"
+    last.mkdir(parents=True)
+    (last / "run.json").write_text(json.dumps({"parameters": {"data": "the-last-data"}}))
+    rt = Runtime(config=config, spark=spark, kind="local", root=root)
+    started = trigger_retrain(rt, "j", bundle)
+    assert started["parameters"] == {"data": "the-last-data"}
+    deadline = time.monotonic() + 60
+    runs = []
+    while time.monotonic() < deadline and not runs:
+        runs = [p for p in (root / "runs" / "j").glob("*/run.json") if p.parent.name != "1000"]
+        time.sleep(0.5)
+    assert runs, Path(started["log"]).read_text()
+    run = json.loads(runs[0].read_text())
+    assert run["status"] == "SUCCESS" and run["tasks"][0]["values"]["got"] == "the-last-data"
