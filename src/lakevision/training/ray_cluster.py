@@ -146,6 +146,22 @@ def _init_local(log_to_driver: bool, attempts: int = 2) -> None:
             ray.shutdown()
 
 
+def _setup_with_retry(setup, shutdown, kwargs: dict) -> str:
+    """Ray-on-Spark's head node, started again once when its first start dies: under a loaded
+    test suite the head process has failed with gRPC's "epoll_wait error: Bad file descriptor"
+    and a second start went through (the same remedy as the JVM launch above)."""
+    try:
+        return setup(**kwargs)[0]
+    except RuntimeError as exc:
+        if "Start Ray head node failed" not in str(exc):
+            raise
+        log.warning("the Ray-on-Spark head node failed to start; retrying once")
+        with contextlib.suppress(RuntimeError):  # "No active ray cluster" when nothing was left
+            shutdown()
+        time.sleep(2)
+        return setup(**kwargs)[0]
+
+
 def _ray_on_spark(settings: DistributedSettings, spark, use_gpu: bool, log_to_driver: bool) -> Iterator[Literal["ray_on_spark"]]:
     import ray
     from ray.util.spark import setup_ray_cluster, shutdown_ray_cluster
@@ -165,7 +181,7 @@ def _ray_on_spark(settings: DistributedSettings, spark, use_gpu: bool, log_to_dr
                       num_gpus_worker_node=1 if use_gpu else 0)
     agents_before = processes_matching(*_AGENT_MARKERS)
     try:
-        address, _ = setup_ray_cluster(**kwargs)
+        address = _setup_with_retry(setup_ray_cluster, shutdown_ray_cluster, kwargs)
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
         try:
             yield "ray_on_spark"
