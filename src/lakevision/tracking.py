@@ -192,5 +192,10 @@ class ExperimentTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)
 
+    def log_report(self, text: str, figure, name: str) -> None:
+        """A markdown report and its figure: ``<name>/report.md`` and ``<name>/curves.png``."""
+        self._mlflow.log_text(text, f"{name}/report.md")
+        self._mlflow.log_figure(figure, f"{name}/curves.png")
+
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self._mlflow.log_dict(data, artifact_file)

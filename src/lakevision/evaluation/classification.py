@@ -23,7 +23,7 @@ from sklearn.metrics import (
 )
 
 from lakevision.evaluation._arrays import to_numpy
-from lakevision.evaluation._figures import new_figure
+from lakevision.figures import new_figure
 
 if TYPE_CHECKING:
     import torch

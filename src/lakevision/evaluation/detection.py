@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 from matplotlib.figure import Figure
 
-from lakevision.evaluation._figures import new_figure
+from lakevision.figures import new_figure
 from lakevision.evaluation._records import (
     AREA,
     ISCROWD,

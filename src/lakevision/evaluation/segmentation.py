@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from lakevision.evaluation._arrays import to_numpy
-from lakevision.evaluation._figures import new_figure
+from lakevision.figures import new_figure
 from lakevision.evaluation._records import AREA, ISCROWD, LABELS, SCORES, Columns, Field, stack_records
 from lakevision.evaluation.coco import category_ids, evaluate, summary
 from lakevision.evaluation.coco_state import Annotations, CocoState

@@ -23,6 +23,7 @@ from lakevision.training.dataset import SplitRecords, load_rgb, load_split
 from lakevision.training.models import build_model, is_semantic
 from lakevision.training.module import BaseModel
 from lakevision.training.ray_trainer import BEST_METRIC, RayTrainer
+from lakevision.training.report import training_report
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,14 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         if best["value"] is not None:
             tracker.log_metrics({f"best_{best['name']}": best["value"]})
         tracker.log_dict({**result, "model_uri": info.model_uri}, "training_result.json")
-        tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task})
-    metric, _ = BEST_METRIC["semantic" if semantic else task]
+        metric, _ = BEST_METRIC["semantic" if semantic else task]
+        text, figure, summary = training_report(result["metrics_history"], metric)
+        tracker.log_report(text, figure, "training")
+        if summary["warning"]:
+            log.warning("%s", summary["warning"])
+        tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task,
+                          "training.convergence_epoch": str(summary["convergence_epoch"]),
+                          "training.overfitting": str(summary["overfitting"]).lower()})
     final = {k: v[-1] for k, v in result["metrics_history"].items() if v}
     return {
         "run_id": tracker.run_id,
@@ -121,6 +128,7 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         "checkpoint_path": result["checkpoint_path"],
         "cluster": result["cluster"],
         "exports": {c.format: c.passed for c in exports},
+        "report": summary,
     }
 
 
