@@ -41,7 +41,7 @@ def dataset(tmp_path_factory):
 def test_ingest_json_prints_exactly_one_object(dataset, tmp_path):
     proc = _run("-m", "lakevision.cli", "ingest", *_ingest_args(dataset, tmp_path / "root"), "--json")
     out = json.loads(proc.stdout)  # fails on any extra output
-    assert set(out) == {"tables", "quarantine_by_reason"}
+    assert set(out) == {"tables", "quarantine_by_reason", "category_counts", "insufficient"}
     assert set(out["tables"]) == set(TABLES)
     for t in out["tables"].values():
         assert set(t) == {"location", "version", "rows"}

@@ -169,8 +169,9 @@ def logged(tmp_path_factory, scene) -> dict[str, str]:
     """A classifier and a detector logged as the serving pyfunc, as the train job logs them."""
     from lakevision.tracking import ExperimentTracker, local_tracking_uri
 
-    tracker = ExperimentTracker("explain-test", tracking_uri=local_tracking_uri(tmp_path_factory.mktemp("mlflow")))
-    uris = {}
+    root = tmp_path_factory.mktemp("mlflow")
+    tracker = ExperimentTracker("explain-test", tracking_uri=local_tracking_uri(root))
+    uris = {"root": str(root)}  # a local data root: `lakevision explain --root` reads this store
     with tracker:
         for task, arch, n in (("classification", "resnet18", 3), ("detection", "fasterrcnn_resnet18_fpn", 4)):
             torch.manual_seed(0)
@@ -229,3 +230,19 @@ def test_explain_image_names_what_is_wrong(logged, scene, tmp_path):
     with pytest.raises(ModelLoadError, match="models:/m-0123456789abcdef"):
         explain_image("models:/m-0123456789abcdef", str(scene), out)
     assert not Path(out).exists()
+
+
+def test_explain_command_writes_the_png(logged, scene, tmp_path):
+    import json as _json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli.png"
+    cmd = [sys.executable, "-m", "lakevision.cli", "explain", "--model-uri", logged["detection"],
+           "--root", logged["root"], "--out", str(out)]
+    proc = subprocess.run([*cmd, "--image", str(scene), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = _json.loads(proc.stdout)
+    assert printed["task"] == "detection" and printed["out_path"] == str(out) and _is_png(out)
+    proc = subprocess.run([*cmd, "--image", str(tmp_path / "nope.jpg")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "nope.jpg: no such image file" in proc.stderr

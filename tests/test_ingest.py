@@ -177,3 +177,20 @@ def test_duplicate_image_and_category_ids_keep_the_first(runtime, tmp_path):
     assert result.tables["images"]["rows"] == 6
     cats = {r["id"]: r["name"] for r in delta.read_table(runtime.spark, runtime.table("categories")).collect()}
     assert cats[2] == "square"
+
+
+def test_category_counts_and_data_sufficiency(runtime, dataset):
+    result = _ingest(runtime, dataset)
+    samples = delta.read_table(runtime.spark, runtime.table("samples")).toPandas()
+    expected: dict = {}
+    for row in samples.itertuples():
+        for a in row.annotations:
+            if not a["iscrowd"]:
+                split_counts = expected.setdefault(a["category_name"], {"train": 0, "val": 0, "test": 0})
+                split_counts[row.split] += 1
+    assert result.category_counts == expected and set(expected) == {"circle", "square", "triangle"}
+    minimum = runtime.config.data.data_processing.min_samples_per_category
+    short = sorted(name for name, c in expected.items() if c["train"] < minimum)
+    assert [w.split(":")[0] for w in result.insufficient] == short
+    assert all(f"fewer than min_samples_per_category ({minimum})" in w for w in result.insufficient)
+    assert result.to_json()["category_counts"] == expected

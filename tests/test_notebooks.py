@@ -125,6 +125,9 @@ def test_03_train_logs_a_run_with_its_reference_profile(run_notebook, mlflow_cli
     # the monitor job's yardstick: statistics and embeddings of the training images
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "monitoring")}
     assert artifacts == {"monitoring/reference_profile.json"}
+    report = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "training")}
+    assert report == {"training/report.md", "training/curves.png"}
+    assert run.data.tags["training.convergence_epoch"] == "1" and run.data.tags["training.overfitting"] == "false"
 
 
 def test_04_evaluate_scores_the_best_model(run_notebook, mlflow_client):
@@ -135,6 +138,8 @@ def test_04_evaluate_scores_the_best_model(run_notebook, mlflow_client):
     chosen = next(r for r in runs if r.data.tags["lakevision.model_uri"] == _one(r"^model (\S+)$", out)[1])
     assert chosen.data.metrics["best_val_map_50"] == best_value  # the run deploy would pick
     assert _one(r"logged to MLflow run (\w+)$", out)[1] == chosen.info.run_id
+    artifacts = {a.path for a in mlflow_client.list_artifacts(chosen.info.run_id, "evaluation")}
+    assert "evaluation/worst_errors_explained.png" in artifacts  # box saliency of the worst images
     metrics = mlflow_client.get_run(chosen.info.run_id).data.metrics
     assert metrics["test_map_50"] == pytest.approx(float(_one(r"^map_50\s+(\S+)$", out)[1]), abs=1e-4)
     location = _one(r"^per-image predictions: (\S+) version (\d+)$", out)[1]

@@ -93,6 +93,10 @@ def _print_tables(result) -> None:
             print(f"  {code:<20} {n}")
     else:
         print("no record was quarantined")
+    print("objects per category (train/val/test): "
+          + ", ".join(f"{name} {c['train']}/{c['val']}/{c['test']}" for name, c in result.category_counts.items()))
+    for warning in result.insufficient:
+        print(f"WARNING too little data: {warning}")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -102,7 +106,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         result = run_ingest(rt, args.annotations, args.images, progress=not args.json)
     set_task_values(ingest_run_id=result.run_id, samples_version=result.tables["samples"]["version"],
                     table_versions={k: t["version"] for k, t in result.tables.items()},
-                    quarantined=sum(result.quarantine_by_reason.values()))
+                    quarantined=sum(result.quarantine_by_reason.values()), insufficient=result.insufficient)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -144,6 +148,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for k, v in sorted(result["metrics"].items()):
             print(f"  {k:<28} {v:.4f}")
         print(f"per-image predictions: {result['predictions_table']['location']}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from lakevision.evaluation.explain import explain_image
+
+    with _runtime(args) as rt:
+        mlflow.set_tracking_uri(rt.tracking_uri)
+        mlflow.set_registry_uri(rt.registry_uri)
+        result = explain_image(args.model_uri, args.image, args.out, args.box)
+    if args.json:
+        print(json.dumps(result, default=str))
+    elif "boxes" in result:
+        shown = ", ".join(f"box {i} {result['categories'][i]} {result['scores'][i]:.2f}" for i in result["explained"])
+        print(f"{result['task']}: {len(result['boxes'])} boxes; explained {shown or 'none'} -> {result['out_path']}")
+    else:
+        print(f"{result['task']}: {result['category']} ({result.get('score', result.get('pixel_share')):.3f}) "
+              f"-> {result['out_path']}")
     return 0
 
 
@@ -355,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-uri", required=True, help="e.g. models:/m-..., runs:/RUN/model, models:/name@champion")
     _task_and_data_version(p, "checked against the model (default: taken from the model)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("explain", help="Grad-CAM (classification) or per-box saliency (detection) as a PNG")
+    p.add_argument("--model-uri", required=True, help="a logged lakevision model, e.g. models:/name@champion")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--box", type=int, default=None, help="explain only this served box (detection)")
+    _common(p)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("generate", help="write the synthetic shapes dataset (COCO format)")
     p.add_argument("--out", required=True)

@@ -70,6 +70,7 @@ class DataProcessing(_Strict):
     splits: Splits = Splits()
     image_check_batch_size: int = Field(4096, gt=0)
     image_check_partitions: int = Field(0, ge=0, description="Spark partitions per batch; 0 = 2 x driver cores")
+    min_samples_per_category: int = Field(20, ge=0, description="fewer training objects of a category: a warning")
 
 
 class DataConfig(_Strict):

@@ -45,9 +45,13 @@ class IngestResult:
     quarantine_by_reason: dict[str, int]
     written: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # category -> split -> objects (non-crowd annotations) in the gold table
+    category_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    insufficient: list[str] = field(default_factory=list)  # one warning per category short of samples
 
     def to_json(self) -> dict[str, Any]:
-        return {"tables": self.tables, "quarantine_by_reason": self.quarantine_by_reason}
+        return {"tables": self.tables, "quarantine_by_reason": self.quarantine_by_reason,
+                "category_counts": self.category_counts, "insufficient": self.insufficient}
 
 
 def split_column(image_id, splits):
@@ -84,6 +88,28 @@ def build_samples(rt: Runtime, versions: dict[str, int]) -> DataFrame:
         F.coalesce(F.size("annotations"), F.lit(0)).cast("int").alias("num_annotations"),
         "annotations",
     )
+
+
+def category_counts(rt: Runtime, samples_version: int) -> dict[str, dict[str, int]]:
+    """Objects per category and split in the gold table; a category without any is listed too."""
+    from pyspark.sql import functions as F
+
+    spark = rt.spark
+    samples = delta.read_table(spark, rt.table("samples"), samples_version)
+    rows = (samples.select("split", F.explode("annotations").alias("a"))
+            .where(F.col("a.iscrowd") == 0)
+            .groupBy("split", F.col("a.category_name").alias("category")).count().collect())
+    names = [r["name"] for r in delta.read_table(spark, rt.table("categories")).select("name").collect()]
+    counts = {name: {"train": 0, "val": 0, "test": 0} for name in sorted(names)}
+    for r in rows:
+        counts.setdefault(r["category"], {"train": 0, "val": 0, "test": 0})[r["split"]] = int(r["count"])
+    return counts
+
+
+def insufficient_categories(counts: dict[str, dict[str, int]], minimum: int) -> list[str]:
+    """A warning per category with fewer than ``minimum`` training objects."""
+    return [f"{name}: {c['train']} training objects, fewer than min_samples_per_category ({minimum})"
+            for name, c in counts.items() if c["train"] < minimum]
 
 
 def _last_gold_inputs(rt: Runtime) -> str | None:
@@ -143,12 +169,18 @@ def run_ingest(rt: Runtime, annotations: str, images: str, progress: bool = Fals
             for n, t in tables.items()
         ])
         delta.append(spark, spark.createDataFrame(lineage), refs[LINEAGE_TABLE])
+        counts = category_counts(rt, versions["samples"])
+        insufficient = insufficient_categories(counts, rt.config.data.data_processing.min_samples_per_category)
+        for warning in insufficient:
+            log.warning("data sufficiency: %s", warning)
         return IngestResult(
             run_id=proc.run_id,
             tables=tables,
             quarantine_by_reason={code: len(ids) for code, ids in sorted(found.items())},
             written=written,
             seconds=time.monotonic() - t0,
+            category_counts=counts,
+            insufficient=insufficient,
         )
     finally:
         proc.cleanup()

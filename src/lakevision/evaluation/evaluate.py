@@ -21,7 +21,7 @@ import torch
 from lakevision import delta
 from lakevision.evaluation import ClassificationMetrics, DetectionMetrics, SegmentationMetrics
 from lakevision.errors import DataError, LakevisionError
-from lakevision.evaluation._figures import new_figure
+from lakevision.figures import new_figure
 from lakevision.runtime import Runtime
 from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, load_split, segmentation_to_rle
 
@@ -166,6 +166,34 @@ def image_grid(records: SplitRecords, gts: list[dict], preds: list[dict | None],
     return fig
 
 
+def _misclassified_first(preds: list[dict]) -> list[int]:
+    """Misclassified test images, the most confidently wrong first."""
+    wrong = [(-float(np.max(p["probabilities"])), i) for i, p in enumerate(preds) if p["label"] != p["target"]]
+    return [i for _, i in sorted(wrong)]
+
+
+def _explained_errors(model_uri: str, records: SplitRecords, order: list[int], count: int = 3):
+    """Explanation panels for the ``count`` worst test images (None when the model is not a
+    lakevision serving model, which explanations need, or there is nothing to explain)."""
+    from lakevision.evaluation.explain import explain_array, load_explainable, panels_figure
+    from lakevision.training.dataset import load_rgb
+
+    if not order:
+        return None
+    try:
+        image_model = load_explainable(model_uri)
+    except ModelLoadError:
+        return None
+    rows = []
+    for i in order[:count]:
+        image = load_rgb(records.image_paths[i])
+        _, panels = explain_array(image_model, image)
+        # dense panels start with the input itself; every row starts with it once
+        rows.append([(f"test image {i + 1} of {len(records.image_paths)}", image),
+                     *[p for p in panels if p[1] is not image]])
+    return panels_figure(rows)
+
+
 def _report(task: str, model_uri: str, records: SplitRecords, metrics: dict[str, float]) -> str:
     lines = [f"# Evaluation of `{model_uri}`", "",
              f"- task: {task}", f"- data: `{records.table}` version {records.version}, split test, "
@@ -206,6 +234,7 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
     figures: dict[str, Any] = {}
     if task == "classification" or semantic:
         metrics, preds, figures = _dense_task(model, records, task, semantic, params, batch_size)
+        worst = [] if semantic else _misclassified_first(preds)
     else:
         label_to_cat = {i + 1: c for i, c in enumerate(records.category_ids)}
         preds = _instance_outputs(model, records, label_to_cat, task, batch_size)
@@ -221,14 +250,17 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
                 [{k: p[k] for k in ("image_id", "masks", "labels", "scores")} for p in preds],
                 [{k: g[k] for k in ("image_id", "masks", "labels", "iscrowd", "area")} for g in gts])
             metrics.update({f"segm_{k}": float(v) for k, v in segm.items() if not isinstance(v, dict)})
-        recall = [_per_image_recall(p, g) for p, g in zip(preds, gts)]
+        worst = list(np.argsort([_per_image_recall(p, g) for p, g in zip(preds, gts)], kind="stable"))
         figures = {
             "evaluation/pr_curve.png": det.plot_precision_recall_curve(
                 box_preds, box_gts, class_names=[names.get(i, str(i)) for i in range(1, max(records.category_ids) + 1)]),
             "evaluation/samples.png": image_grid(records, gts, preds, list(range(len(preds))), names, "sample predictions"),
-            "evaluation/worst_errors.png": image_grid(records, gts, preds, list(np.argsort(recall, kind="stable")), names,
+            "evaluation/worst_errors.png": image_grid(records, gts, preds, worst, names,
                                                  "worst errors (lowest recall at IoU 0.5)"),
         }
+    explained = _explained_errors(model_uri, records, worst)
+    if explained is not None:
+        figures["evaluation/worst_errors_explained.png"] = explained
     report = _report(task, model_uri, records, metrics)
     with mlflow.start_run(run_id=info.run_id) if info.run_id else mlflow.start_run(run_name="evaluate"):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if np.isfinite(v)})
@@ -268,7 +300,8 @@ def _dense_task(model, records: SplitRecords, task: str, semantic: bool, params:
             for (_, t), p in zip(items, prob):
                 ys.append(int(t["label"]))
                 probs.append(p.numpy())
-                preds.append({"image_id": int(t["image_id"]), "label": int(p.argmax()), "probabilities": p.numpy()})
+                preds.append({"image_id": int(t["image_id"]), "label": int(p.argmax()), "probabilities": p.numpy(),
+                              "target": int(t["label"])})
     names = records.category_names
     if semantic:
         seg = SegmentationMetrics(len(names) + 1)

@@ -215,20 +215,28 @@ def overlay(image_rgb_uint8: np.ndarray, heatmap: np.ndarray, boxes: Sequence[Se
     return out
 
 
-def _save_panels(panels: list[tuple[str, np.ndarray | Image.Image]], out_path: str) -> None:
-    from lakevision.evaluation._figures import new_figure
+def panels_figure(rows: list[list[tuple[str, np.ndarray | Image.Image]]]):
+    """A grid of titled pictures, one row per explained image."""
+    from lakevision.figures import new_figure
 
-    fig, axes = new_figure(1, len(panels), (3.6 * len(panels), 3.8))
-    for ax, (title, picture) in zip(axes.flat, panels):
-        ax.imshow(np.asarray(picture))
+    cols = max(len(r) for r in rows)
+    fig, axes = new_figure(len(rows), cols, (3.6 * cols, 3.8 * len(rows)))
+    for ax in axes.flat:
         ax.set_axis_off()
-        ax.set_title(title, fontsize=8)
+    for r, row in enumerate(rows):
+        for c, (title, picture) in enumerate(row):
+            axes[r, c].imshow(np.asarray(picture))
+            axes[r, c].set_title(title, fontsize=8)
+    return fig
+
+
+def _save_panels(panels: list[tuple[str, np.ndarray | Image.Image]], out_path: str) -> None:
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, format="png", dpi=120)
+    panels_figure([panels]).savefig(out_path, format="png", dpi=120)
 
 
 # ---------------------------------------------------------------------- a logged model on an image file
-def _load(model_uri: str) -> ImageModel:
+def load_explainable(model_uri: str) -> ImageModel:
     """The serving pyfunc's :class:`ImageModel`: the torch module and the spec that says how it was
     trained (task, input size, categories), loaded once. Fails like evaluate's loader does."""
     from mlflow.exceptions import MlflowException
@@ -286,23 +294,29 @@ def explain_image(model_uri: str, image_path: str, out_path: str, box: int | Non
     serving score threshold (up to four), or only for ``box``, an index into the served boxes
     (``boxes``, ``labels``, ``categories``, ``scores`` as served, and ``explained``: the indices shown).
     """
-    from lakevision.packaging.pyfunc import preprocess
     from lakevision.training.dataset import load_rgb
 
     if not Path(image_path).is_file():
         raise ExplainError(f"{image_path}: no such image file")
     image = load_rgb(image_path)  # raises naming the file when PIL cannot read it
-    image_model = _load(model_uri)
+    image_model = load_explainable(model_uri)
+    try:
+        result, panels = explain_array(image_model, image, box)
+    except ExplainError as exc:
+        raise ExplainError(f"{image_path}: {exc}") from None
+    _save_panels(panels, out_path)
+    return {"task": image_model.spec.task, **result, "out_path": str(out_path)}
+
+
+def explain_array(image_model: ImageModel, image: np.ndarray, box: int | None = None) -> tuple[dict, list]:
+    """The prediction on one upright RGB image and its explanation panels (the input first for
+    dense tasks, one panel per explained box for instance tasks)."""
+    from lakevision.packaging.pyfunc import preprocess
+
     spec = image_model.spec
     x = preprocess([image], spec)
     if not spec.instance:
         if box is not None:
             raise ExplainError(f"box {box}: a {spec.task} model has no boxes; leave `box` out")
-        result, panels = _explain_dense(image_model.model, image, x, spec)
-    else:
-        try:
-            result, panels = _explain_boxes(image_model.model, image, x[0], spec, box)
-        except ExplainError as exc:
-            raise ExplainError(f"{image_path}: {exc}") from None
-    _save_panels(panels, out_path)
-    return {"task": spec.task, **result, "out_path": str(out_path)}
+        return _explain_dense(image_model.model, image, x, spec)
+    return _explain_boxes(image_model.model, image, x[0], spec, box)
