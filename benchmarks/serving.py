@@ -5,6 +5,9 @@ process; one client (a keep-alive `requests.Session`, the transport the Databric
 sends the same base64 image, one request at a time, alternating blocks between the two servers
 so that drift on a busy machine hits both alike. Printed: p50/p99 latency and requests/s of each,
 and the p50 overhead of the workspace (routing, auth, per-entity metrics) over the baseline.
+A third target is a second endpoint of the same workspace with its inference table on: its p50
+against the first endpoint's is what logging every request costs, and after the workspace
+stops, the table must hold every request it answered.
 
 Usage: python benchmarks/serving.py [--requests 400] [--task classification] [--image-size 128]
 Generated data and the MLflow store live under benchmarks/.data/serving.
@@ -112,11 +115,15 @@ def main() -> None:
         with local_workspace_process(root) as (url, token):
             server = ModelServer(url, token, name, "1")
             server.create_endpoint("bench", "Standard_DS3_v2", 0, 1)
+            server.create_endpoint("bench-logged", "Standard_DS3_v2", 0, 1)
+            server.enable_inference_table("bench-logged", None, "bench", "bench_logged")
             _wait_http(f"http://127.0.0.1:{port}/ping", baseline)
             targets = {
                 "mlflow models serve": (f"http://127.0.0.1:{port}/invocations", json_headers),
                 "local workspace": (f"{url}/serving-endpoints/bench/invocations",
                                     {**json_headers, "Authorization": f"Bearer {token}"}),
+                "workspace + inference table": (f"{url}/serving-endpoints/bench-logged/invocations",
+                                                {**json_headers, "Authorization": f"Bearer {token}"}),
             }
             session = requests.Session()
             for target, headers in targets.values():  # warm-up: lazy imports, allocator, caches
@@ -134,15 +141,22 @@ def main() -> None:
 
     print(f"task {args.task} ({ARCH[args.task]}, image size {args.image_size}), {args.requests} requests per "
           f"server in blocks of {args.block}, one at a time, keep-alive")
-    print(f"{'server':<22} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7}")
+    print(f"{'server':<28} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7}")
     stats = {}
     for label, ts in times.items():
         p50, p99 = np.percentile(ts, 50), np.percentile(ts, 99)
         stats[label] = p50
-        print(f"{label:<22} {p50:8.2f} {p99:8.2f} {len(ts) / wall[label]:7.1f}")
+        print(f"{label:<28} {p50:8.2f} {p99:8.2f} {len(ts) / wall[label]:7.1f}")
     ratio = stats["local workspace"] / stats["mlflow models serve"]
     print(f"p50 ratio local workspace / mlflow models serve = {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%; "
           "goal <= +10%)")
+    logged = stats["workspace + inference table"] / stats["local workspace"]
+    print(f"p50 ratio with / without the inference table = {logged:.3f} ({100 * (logged - 1):+.1f}%)")
+    from deltalake import DeltaTable
+
+    rows = len(DeltaTable(str(root / "tables" / "bench" / "bench_logged_payload")).to_pyarrow_table())
+    sent = len(times["workspace + inference table"]) + 20  # with the warm-up
+    print(f"inference table rows after shutdown: {rows} of {sent} requests answered")
 
 
 if __name__ == "__main__":
