@@ -269,10 +269,11 @@ def _explain_dense(model: nn.Module, image: np.ndarray, x: torch.Tensor, spec: S
 
 
 def _explain_boxes(model: nn.Module, image: np.ndarray, x: torch.Tensor, spec: ServingSpec,
-                   box: int | None) -> tuple[dict, list]:
+                   box: int | None, top: int) -> tuple[dict, list]:
     from lakevision.packaging.pyfunc import to_response
 
-    detections, maps = box_saliencies(model, x, None if box is None else [box], min_score=spec.score_threshold)
+    detections, maps = box_saliencies(model, x, None if box is None else [box], min_score=spec.score_threshold,
+                                      top=top)
     # the serving response's boxes, in the model's order: box i here is box i of a served answer
     result = to_response({k: detections[k] for k in ("boxes", "labels", "scores")}, spec)
     panels: list = []
@@ -308,9 +309,10 @@ def explain_image(model_uri: str, image_path: str, out_path: str, box: int | Non
     return {"task": image_model.spec.task, **result, "out_path": str(out_path)}
 
 
-def explain_array(image_model: ImageModel, image: np.ndarray, box: int | None = None) -> tuple[dict, list]:
+def explain_array(image_model: ImageModel, image: np.ndarray, box: int | None = None,
+                  top: int = MAX_EXPLAINED_BOXES) -> tuple[dict, list]:
     """The prediction on one upright RGB image and its explanation panels (the input first for
-    dense tasks, one panel per explained box for instance tasks)."""
+    dense tasks, one panel per explained box for instance tasks: ``box``, else the ``top`` best)."""
     from lakevision.packaging.pyfunc import preprocess
 
     spec = image_model.spec
@@ -319,4 +321,4 @@ def explain_array(image_model: ImageModel, image: np.ndarray, box: int | None = 
         if box is not None:
             raise ExplainError(f"box {box}: a {spec.task} model has no boxes; leave `box` out")
         return _explain_dense(image_model.model, image, x, spec)
-    return _explain_boxes(image_model.model, image, x[0], spec, box)
+    return _explain_boxes(image_model.model, image, x[0], spec, box, top)
