@@ -145,11 +145,10 @@ def notebook_file(base: Path, notebook_path: str) -> Path | None:
 
 def _check_files(bundle: Bundle, rel: str, path: str, task: dict, base: Path) -> list[Problem]:
     problems = []
-    checks = [("spark_python_task", "python_file")]
-    for ttype, key in checks:
-        file = (task.get(ttype) or {}).get(key)
-        if file and (task.get(ttype) or {}).get("source") != "GIT" and not (base / file).resolve().is_file():
-            problems.append(Problem(rel, f"{path}.{ttype}.{key}", f"file not found: {file} (relative to {rel})"))
+    script = task.get("spark_python_task") or {}
+    file = script.get("python_file")
+    if file and script.get("source") != "GIT" and not (base / file).resolve().is_file():
+        problems.append(Problem(rel, f"{path}.spark_python_task.python_file", f"file not found: {file} (relative to {rel})"))
     nb = (task.get("notebook_task") or {}).get("notebook_path")
     if nb and (task.get("notebook_task") or {}).get("source") != "GIT" and notebook_file(base, nb) is None:
         problems.append(Problem(rel, f"{path}.notebook_task.notebook_path", f"notebook not found: {nb} (relative to {rel})"))

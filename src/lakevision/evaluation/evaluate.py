@@ -37,6 +37,8 @@ class ModelLoadError(LakevisionError, RuntimeError):
 
 
 def _load_model(model_uri: str):
+    """``(torch module, model info, ImageModel or None)``: the serving pyfunc the train job logs
+    also carries the spec explanations need; a plain pytorch-flavor model has none."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -45,12 +47,12 @@ def _load_model(model_uri: str):
     try:
         info = mlflow.models.get_model_info(model_uri)
         if "pytorch" in info.flavors:
-            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-        else:  # the serving pyfunc that training logs: evaluate the torch module inside it
-            model = load_image_model(model_uri).model
+            return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval(), info, None
+        # the serving pyfunc that training logs: evaluate the torch module inside it
+        image_model = load_image_model(model_uri)
     except (MlflowException, OSError, AttributeError) as exc:
         raise ModelLoadError(f"{model_uri}: cannot load the model: {exc}") from None
-    return model.eval(), info
+    return image_model.model.eval(), info, image_model
 
 
 def _training_params(run_id: str | None) -> dict[str, str]:
@@ -172,17 +174,13 @@ def _misclassified_first(preds: list[dict]) -> list[int]:
     return [i for _, i in sorted(wrong)]
 
 
-def _explained_errors(model_uri: str, records: SplitRecords, order: list[int], count: int = 3):
-    """Explanation panels for the ``count`` worst test images (None when the model is not a
-    lakevision serving model, which explanations need, or there is nothing to explain)."""
-    from lakevision.evaluation.explain import explain_array, load_explainable, panels_figure
+def _explained_errors(image_model, records: SplitRecords, order: list[int], count: int = 3):
+    """Explanation panels for the ``count`` worst test images (None without a lakevision serving
+    model, whose spec explanations need, or with nothing to explain)."""
+    from lakevision.evaluation.explain import explain_array, panels_figure
     from lakevision.training.dataset import load_rgb
 
-    if not order:
-        return None
-    try:
-        image_model = load_explainable(model_uri)
-    except ModelLoadError:
+    if image_model is None or not order:
         return None
     rows = []
     for i in order[:count]:
@@ -224,7 +222,7 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
 
     mlflow.set_tracking_uri(rt.tracking_uri)
     mlflow.set_registry_uri(rt.registry_uri)
-    model, info = _load_model(model_uri)
+    model, info, image_model = _load_model(model_uri)
     params = _training_params(info.run_id)
     task, semantic = _task_of(model, task, params)
     records = load_split(rt, "test", data_version)
@@ -258,7 +256,7 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
             "evaluation/worst_errors.png": image_grid(records, gts, preds, worst, names,
                                                  "worst errors (lowest recall at IoU 0.5)"),
         }
-    explained = _explained_errors(model_uri, records, worst)
+    explained = _explained_errors(image_model, records, worst)
     if explained is not None:
         figures["evaluation/worst_errors_explained.png"] = explained
     report = _report(task, model_uri, records, metrics)

@@ -53,28 +53,20 @@ def request_images(request_json: str) -> list[str]:
 
 
 def traffic_images(rt: Runtime, endpoint: str, window_minutes: float, now: dt.datetime | None = None) -> list:
-    """Upright RGB arrays of the images the endpoint answered (200) in the window, newest first."""
-    import base64
-    import io
-
-    from PIL import Image
+    """Upright RGB arrays of the images the endpoint answered (200) in the window, newest first,
+    decoded as the serving model decodes them."""
     from pyspark.sql import functions as F
 
-    from lakevision.training.dataset import upright_rgb
+    from lakevision.packaging.pyfunc import decode_image
 
     rows = recent_requests(rt, endpoint, window_minutes, now)
     if rows is None:
         return []
+    max_pixels = rt.config.deployment.deployment.serving.max_image_pixels
     bodies = (rows.where((F.col("status_code") == 200) & F.col("request").isNotNull())
               .orderBy(F.col("request_time").desc()).select("request").limit(_MAX_TRAFFIC_IMAGES).collect())
-    images = []
-    for r in bodies:
-        for text in request_images(r["request"]):
-            with Image.open(io.BytesIO(base64.b64decode(text))) as im:
-                images.append(upright_rgb(im))
-            if len(images) >= _MAX_TRAFFIC_IMAGES:
-                return images
-    return images
+    images = [decode_image(text, i, max_pixels) for r in bodies for i, text in enumerate(request_images(r["request"]))]
+    return images[:_MAX_TRAFFIC_IMAGES]
 
 
 def champion_reference(rt: Runtime, model_name: str):
