@@ -22,7 +22,8 @@ from lakevision.config import DistributedSettings
 log = logging.getLogger(__name__)
 
 _AGENT_MARKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
-LOCAL_CLUSTER_MASTER = "local-cluster[2,1,2048]"
+_LOCAL_WORKERS, _LOCAL_WORKER_CORES, _LOCAL_WORKER_MB = 2, 1, 2048
+LOCAL_CLUSTER_MASTER = f"local-cluster[{_LOCAL_WORKERS},{_LOCAL_WORKER_CORES},{_LOCAL_WORKER_MB}]"
 
 
 def quiet_worker_logs() -> None:
@@ -86,9 +87,12 @@ def start_local_spark_cluster():
 
     # executors must run this interpreter (the one with ray installed), not whatever python3 is first
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Ray-on-Spark sizes a node by the cores of the machine its Spark worker runs on; these workers
+    # share one machine and own one core each, which Ray's own setting for such clusters says.
     builder = (SparkSession.builder.master(LOCAL_CLUSTER_MASTER)
                .appName("lakevision-ray-on-spark")
                .config("spark.task.cpus", "1")
+               .config("spark.executorEnv.RAY_ON_SPARK_WORKER_CPU_CORES", str(_LOCAL_WORKER_CORES))
                .config("spark.ui.enabled", "false"))
     try:
         return builder.getOrCreate()
@@ -104,7 +108,7 @@ def start_local_spark_cluster():
 
 
 @contextlib.contextmanager
-def ray_cluster(settings: DistributedSettings, use_gpu: bool, log_to_driver: bool = True) -> Iterator[Literal["ray_on_spark", "local"]]:
+def ray_cluster(settings: DistributedSettings, log_to_driver: bool = True) -> Iterator[Literal["ray_on_spark", "local"]]:
     """Connect Ray for the duration of the block, and shut down whatever this started."""
     import ray
 
@@ -118,7 +122,7 @@ def ray_cluster(settings: DistributedSettings, use_gpu: bool, log_to_driver: boo
     mode = settings.cluster
     if mode == "ray_on_spark" or (mode == "auto" and spark is not None):
         with _classic_spark_mode():
-            yield from _ray_on_spark(settings, spark, use_gpu, log_to_driver)
+            yield from _ray_on_spark(settings, spark, log_to_driver)
         return
     # A laptop is not a spot instance: skip the preemption watcher actor (one less process to start).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -162,7 +166,7 @@ def _setup_with_retry(setup, shutdown, kwargs: dict) -> str:
         return setup(**kwargs)[0]
 
 
-def _ray_on_spark(settings: DistributedSettings, spark, use_gpu: bool, log_to_driver: bool) -> Iterator[Literal["ray_on_spark"]]:
+def _ray_on_spark(settings: DistributedSettings, spark, log_to_driver: bool) -> Iterator[Literal["ray_on_spark"]]:
     import ray
     from ray.util.spark import setup_ray_cluster, shutdown_ray_cluster
 
@@ -174,11 +178,11 @@ def _ray_on_spark(settings: DistributedSettings, spark, use_gpu: bool, log_to_dr
     started_spark = None
     if spark is None:
         spark = started_spark = start_local_spark_cluster()
+    # No num_cpus_worker_node / num_gpus_worker_node: left unset, Ray-on-Spark gives each Ray worker
+    # node the whole Spark worker (all its cores for the data loaders, all its GPUs), where setting
+    # them from spark.task.cpus gave a node one CPU (ray/util/spark/cluster_init.py).
     kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
                     "head_node_options": {"include_dashboard": False}}
-    if not spark.sparkContext.master.startswith("local["):  # local[N] has no per-node stage scheduling
-        kwargs.update(num_cpus_worker_node=int(spark.conf.get("spark.task.cpus", "1")),
-                      num_gpus_worker_node=1 if use_gpu else 0)
     agents_before = processes_matching(*_AGENT_MARKERS)
     try:
         address = _setup_with_retry(setup_ray_cluster, shutdown_ray_cluster, kwargs)

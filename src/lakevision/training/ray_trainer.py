@@ -1,13 +1,16 @@
 """RayTrainer: distributed data-parallel Lightning training with Ray Train.
 
 The driver owns the MLflow run; each Ray worker builds its datasets from plain records (no Spark
-in workers), trains with ``RayDDPStrategy`` and reports a checkpoint every epoch. When a worker
-dies, Ray Train replaces the group (``FailureConfig.max_failures``) and the loop resumes from the
-last reported checkpoint, logging into the same MLflow run.
+in workers), trains with ``RayDDPStrategy`` and reports a checkpoint every epoch. Rank 0 hands
+its epoch metrics to the driver through a file on the shared storage (:mod:`metrics_relay`), so
+no worker needs MLflow credentials. When a worker dies, Ray Train replaces the group
+(``FailureConfig.max_failures``) and the loop resumes from the last reported checkpoint, logging
+into the same MLflow run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
@@ -20,6 +23,7 @@ import pytorch_lightning as pl
 
 from lakevision.config import Training
 from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, worker_collate_fn
+from lakevision.training.metrics_relay import MetricsRelay, append_epoch
 from lakevision.training.ray_cluster import ray_cluster
 
 log = logging.getLogger(__name__)
@@ -30,10 +34,10 @@ BEST_METRIC = {"classification": ("val_acc", "max"), "detection": ("val_map_50",
 
 
 class _EpochLogger(pl.Callback):
-    """Rank 0 only: per-epoch metrics into the driver's MLflow run, and one progress line."""
+    """Rank 0 only: per-epoch metrics for the driver's MLflow run, and one progress line."""
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    def __init__(self, metrics_file: str | None):
+        self.metrics_file = metrics_file
         self._t0 = time.monotonic()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -49,13 +53,8 @@ class _EpochLogger(pl.Callback):
         epoch = trainer.current_epoch
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         print(f"epoch {epoch + 1}/{trainer.max_epochs} {shown}", file=sys.stderr, flush=True)
-        if self.run_id:
-            from mlflow import MlflowClient
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            MlflowClient(self.tracking_uri).log_batch(
-                self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
+        if self.metrics_file:
+            append_epoch(self.metrics_file, epoch, metrics)
 
 
 def _loaders(cfg: dict):
@@ -91,7 +90,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     precision = opt["precision"]
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    callbacks: list[pl.Callback] = [RayTrainReportCallback(), _EpochLogger(cfg["tracking_uri"], cfg["run_id"])]
+    callbacks: list[pl.Callback] = [RayTrainReportCallback(), _EpochLogger(cfg["metrics_file"])]
     if opt["early_stopping_patience"]:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=opt["early_stopping_patience"]))
     trainer = pl.Trainer(
@@ -157,11 +156,16 @@ class RayTrainer:
         task = getattr(self.model, "task", s.task)
         metric, mode = BEST_METRIC["semantic" if semantic else task]
         storage = Path(config.get("storage_path") or tempfile.mkdtemp(prefix="lakevision-ckpt-")).resolve()
+        name = config.get("name") or f"lakevision-{task}-{int(time.time())}"
+        run_id = config.get("run_id")
+        metrics_file = storage / f"{name}.metrics.jsonl" if run_id else None
+        if metrics_file is not None:
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
         loop_cfg = {
             "module": self.model, "task": task, "semantic": semantic,
             "train": config["train"], "val": config["val"],
             "data": s.data.model_dump(), "optimization": s.optimization.model_dump(),
-            "tracking_uri": config.get("tracking_uri"), "run_id": config.get("run_id"),
+            "metrics_file": str(metrics_file) if metrics_file else None,
         }
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -169,14 +173,15 @@ class RayTrainer:
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
                                          resources_per_worker=self.resources_per_worker),
             run_config=RunConfig(
-                name=config.get("name") or f"lakevision-{task}-{int(time.time())}",
+                name=name,
                 storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=s.distributed.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
                                                    checkpoint_score_order="min"),
             ),
         )
-        with ray_cluster(s.distributed, self.use_gpu, log_to_driver=config.get("log_to_driver", True)) as where:
+        relay = MetricsRelay(metrics_file, config.get("tracking_uri"), run_id) if run_id else contextlib.nullcontext()
+        with ray_cluster(s.distributed, log_to_driver=config.get("log_to_driver", True)) as where, relay:
             result = trainer.fit()
         if result.error is not None:
             raise result.error
