@@ -59,8 +59,8 @@ def test_gate_registers_aliases_and_compares_with_the_champion(ingested_runtime)
     assert passed.passed and passed.registered == {"name": NAME, "version": "1", "created": True}
     assert registry.by_alias(CHALLENGER).version == "1"
     tags = client.get_model_version(NAME, "1").tags
-    assert tags["gate.decision"] == "passed" and tags["gate.champion_version"] == "none"
-    assert float(tags["gate.metric.accuracy"]) == pytest.approx(passed.metrics["accuracy"], rel=1e-5)
+    assert tags["gate_decision"] == "passed" and tags["gate_champion_version"] == "none"
+    assert float(tags["gate_metric_accuracy"]) == pytest.approx(passed.metrics["accuracy"], rel=1e-5)
     # the evaluation logged into the run is reused, not recomputed, on a retry: same version
     again = MetricGate(rt, NAME, thresholds={"accuracy": 0.0}).run(first)
     assert again.registered == {"name": NAME, "version": "1", "created": False} and len(_versions(rt)) == 1
@@ -77,7 +77,7 @@ def test_gate_registers_aliases_and_compares_with_the_champion(ingested_runtime)
 
     lenient = MetricGate(rt, NAME, thresholds={"accuracy": 0.0}, min_improvement=-1.0).run(second)
     assert lenient.passed and lenient.registered["version"] == "2"
-    assert client.get_model_version(NAME, "2").tags["gate.champion_version"] == "1"
+    assert client.get_model_version(NAME, "2").tags["gate_champion_version"] == "1"
     preds = delta.read_table(rt.spark, rt.table("predictions")).filter(f"data_version = {data_version}")
     assert {r["model_uri"] for r in preds.select("model_uri").distinct().collect()} >= {first, second}
     artifacts = {a.path for a in client.list_artifacts(second_run, "gate")}

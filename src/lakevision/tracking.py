@@ -1,7 +1,8 @@
 """ExperimentTracker: one MLflow run per training run, on Databricks or on a local sqlite store.
 
-Only the driver (or Ray rank 0, through :func:`epoch_logger_callback`) writes to MLflow, and a
-run is addressed by id, so a worker group restarted after a failure keeps logging into the same run.
+Only the driver writes to MLflow (Ray workers hand their epoch metrics over through
+:mod:`lakevision.training.metrics_relay`), and a run is addressed by id, so a worker group
+restarted after a failure keeps logging into the same run.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import os
 import platform
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,21 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def pinned_requirements(*packages: str) -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
+def pinned_requirements(*packages: str, version: Callable[[str], str] | None = None) -> list[str]:
+    """``name==version`` for each installed package, without local version labels: a GPU runtime's
+    ``torch 2.7.0+cu126`` is pinned as ``torch==2.7.0``, because no package index serves the
+    labelled build and the serving image would fail to build (MLflow's own pinning does the same).
+    ``version`` looks a version up (default: the installed distribution's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
+    from packaging.version import Version
+
+    lookup = version or installed
     pins = []
     for name in packages:
         try:
-            pins.append(f"{name}=={version(name)}")
+            pins.append(f"{name}=={Version(lookup(name)).public}")
         except PackageNotFoundError:
             pins.append(name)
     return pins

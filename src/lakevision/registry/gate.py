@@ -18,7 +18,7 @@ from typing import Any
 
 from lakevision import delta
 from lakevision.errors import LakevisionError
-from lakevision.registry.model_registry import CHALLENGER, CHAMPION, ModelRegistry
+from lakevision.registry.model_registry import CHALLENGER, CHAMPION, ModelRegistry, tag_key
 from lakevision.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -198,11 +198,12 @@ class MetricGate:
 
     @staticmethod
     def _version_tags(report: GateReport) -> dict[str, str]:
-        tags = {"gate.decision": "passed", "gate.data_version": str(report.data_version),
-                "gate.champion_version": report.champion["version"] if report.champion else "none"}
-        tags.update({f"gate.metric.{k}": f"{v:.6g}" for k, v in report.metrics.items()})
+        # Unity Catalog tag keys: no dots (see model_registry.tag_key)
+        tags = {"gate_decision": "passed", "gate_data_version": str(report.data_version),
+                "gate_champion_version": report.champion["version"] if report.champion else "none"}
+        tags.update({tag_key("gate_metric", k): f"{v:.6g}" for k, v in report.metrics.items()})
         if report.comparison is not None:
-            tags["gate.compared_metric"] = report.comparison.metric
+            tags["gate_compared_metric"] = report.comparison.metric
         return tags
 
     def _log(self, report: GateReport) -> None:

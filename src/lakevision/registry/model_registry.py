@@ -27,6 +27,24 @@ class RegistryError(LakevisionError, RuntimeError):
     pass
 
 
+# Unity Catalog refuses these in a registered model's or version's tag key (the local sqlite
+# registry does not, so the registry checks every key itself).
+UC_TAG_KEY_FORBIDDEN = ".,-=/:"
+
+
+def check_tag_key(key: str) -> None:
+    bad = sorted({c for c in key if c in UC_TAG_KEY_FORBIDDEN})
+    if not key or bad:
+        raise RegistryError(f"tag key {key!r}: Unity Catalog refuses the characters {' '.join(bad) or '(empty key)'} "
+                            f"in tag keys (forbidden: {UC_TAG_KEY_FORBIDDEN})")
+
+
+def tag_key(*parts: str) -> str:
+    """A Unity Catalog tag key from ``parts``: joined with ``_``, forbidden characters replaced."""
+    key = "_".join(parts)
+    return "".join("_" if c in UC_TAG_KEY_FORBIDDEN else c for c in key)
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -96,6 +114,8 @@ class ModelRegistry:
         """Register ``model_uri`` unless a version of it exists; returns (version, created)."""
         import mlflow
 
+        for key in tags or {}:
+            check_tag_key(key)
         existing = self.find(model_uri)
         if existing is not None:
             created = False

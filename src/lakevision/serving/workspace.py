@@ -287,10 +287,35 @@ class _LoadedModel(NamedTuple):
     input_schema: Any  # mlflow.types.Schema | None
 
 
+class ImageBuildError(RuntimeError):
+    """A model whose serving container could not be built."""
+
+
+def check_installable(requirements: list[str]) -> None:
+    """Model Serving builds a container from the model's requirements.txt with pip: a pin to a
+    local version (``torch==2.7.0+cu126``) is served by no package index, and the build fails."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for line in requirements:
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as exc:
+            raise ImageBuildError(f"requirements.txt: {line!r} is not a requirement: {exc}") from None
+        for spec in req.specifier:
+            if "+" in spec.version:
+                raise ImageBuildError(f"building the serving image failed: requirements.txt pins {line}, a local "
+                                      "version that no package index serves")
+
+
 def _load_model(entity_name: str, entity_version: str) -> _LoadedModel:
     import mlflow.pyfunc
 
-    model = mlflow.pyfunc.load_model(f"models:/{entity_name}/{entity_version}")
+    uri = f"models:/{entity_name}/{entity_version}"
+    check_installable(Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().splitlines())
+    model = mlflow.pyfunc.load_model(uri)
     return _LoadedModel(model, model.metadata.get_input_schema())
 
 
