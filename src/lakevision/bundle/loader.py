@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import getpass
 import glob
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from lakevision.bundle.presets import apply_presets, current_user, target_presets
 from lakevision.errors import LakevisionError
 
 BUNDLE_FILE = "databricks.yml"
@@ -67,6 +69,7 @@ class Bundle:
     workspace: dict[str, str]
     targets: list[str]
     run_as: dict = field(default_factory=dict)
+    presets: dict = field(default_factory=dict)  # the presets in force (development mode's included)
     problems: list[Problem] = field(default_factory=list)  # found while loading, reported by validate
 
     def rel(self, path: Path) -> str:
@@ -145,15 +148,18 @@ def _lookup(tree: Any, dotted: str) -> tuple[bool, Any]:
 class _Resolver:
     """Substitutes ``${...}`` references; what cannot be resolved becomes a :class:`Problem`."""
 
-    def __init__(self, context: dict, resources: dict, deploy_time: set[str], local_ids: bool = False):
+    def __init__(self, context: dict, resources: dict | None, deploy_time: set[str] = frozenset(),
+                 local_ids: bool = False):
         self.context = context
-        self.resources = resources
+        self.resources = resources  # None: ${resources.*} stays as written (resolved after the presets)
         self.deploy_time = deploy_time  # resource fields known only after deploy (ids, urls)
         self.local_ids = local_ids  # on this machine a resource's id is its key (as the local runner's job.id)
         self.problems: list[tuple[str, str]] = []  # (yaml path, message)
 
     def value(self, ref: str) -> tuple[bool, Any]:
         head = ref.split(".", 1)[0]
+        if head == "resources" and self.resources is None:
+            return True, "${" + ref + "}"
         if head == "resources":
             found, v = _lookup(self.resources, ref[len("resources."):])
             if found:
@@ -194,7 +200,26 @@ class _Resolver:
         return _REF.sub(sub, node)
 
 
-def _variables(declared: dict, target_values: dict, cli_values: dict, problems: list[Problem]) -> dict:
+VARIABLE_OVERRIDES = ".databricks/bundle/{target}/variable-overrides.json"
+
+
+def _variables(root: Path, target: str, declared: dict, target_values: dict, cli_values: dict,
+               problems: list[Problem]) -> dict:
+    """Every variable's value, in the CLI's order (``set_variables.go``): --var, then
+    ``BUNDLE_VAR_<name>``, the target's value, a lookup (resolved by the workspace at deploy time),
+    the variable-overrides file, the default. The CLI refuses a variable that gets no value from
+    any of these in every target, whether the target uses it or not."""
+    overrides_file = root / VARIABLE_OVERRIDES.format(target=target)
+    file_values: dict = {}
+    if overrides_file.is_file():
+        try:
+            file_values = json.loads(overrides_file.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(Problem(str(overrides_file.relative_to(root)), "", f"failed to parse variables file: {exc}"))
+        if not isinstance(file_values, dict):
+            problems.append(Problem(str(overrides_file.relative_to(root)), "",
+                                    'variables file must be a JSON object: {"var1": "value1"}'))
+            file_values = {}
     values: dict[str, Any] = {}
     for name, spec in declared.items():
         spec = spec if isinstance(spec, dict) else {"default": spec}
@@ -207,34 +232,96 @@ def _variables(declared: dict, target_values: dict, cli_values: dict, problems: 
             values[name] = cli_values[name]
         elif env is not None:
             values[name] = env
-        elif name in target_values:
+        elif target_values.get(name) is not None:
             values[name] = target_values[name]
-        elif "default" in spec:
-            values[name] = spec["default"]
         elif "lookup" in spec:
             values[name] = "${lookup:" + name + "}"  # resolved by the workspace at deploy time
-        # else: no value, which is a problem only where the target uses it (see _explain)
+        elif file_values.get(name) is not None:
+            values[name] = file_values[name]
+        elif spec.get("default") is not None:
+            values[name] = spec["default"]
+        else:
+            problems.append(Problem(BUNDLE_FILE, f"variables.{name}", _no_value(name, target)))
     for name in list(target_values) + list(cli_values):
         if name not in declared:
             problems.append(Problem(BUNDLE_FILE, f"variables.{name}", "is set but never declared under `variables`"))
     return values
 
 
+def _no_value(name: str, target: str) -> str:
+    return (f"no value assigned to required variable {name} for target {target!r}: give it a default, set "
+            f"targets.{target}.variables.{name}, or pass --var {name}=... (or BUNDLE_VAR_{name})")
+
+
 def _explain(message: str, declared: dict, target: str) -> str:
     m = re.fullmatch(r"undefined reference \$\{var\.([\w-]+)[^}]*\}", message)
     if m and m.group(1) in declared:
-        name = m.group(1)
-        return (f"variable {name!r} has no value for target {target!r}: give it a default, set "
-                f"targets.{target}.variables.{name}, or pass --var {name}=... (or BUNDLE_VAR_{name})")
+        return _no_value(m.group(1), target)
     return message
 
 
+def _mode_problems(mode: str | None, tspec: dict, target: str, workspace: dict, presets: dict) -> list[Problem]:
+    """``validate_target_mode.go``: a production target names its root path, so only one copy is
+    deployed; a development copy's paths and name prefix carry the user's name."""
+    where = f"targets.{target}"
+    if mode not in (None, "development", "production"):
+        return [Problem(BUNDLE_FILE, f"{where}.mode",
+                        f"unsupported value '{mode}' specified for 'mode': must be either 'development' or 'production'")]
+    user = workspace["current_user"]
+    problems = []
+    if mode == "production" and not (tspec.get("workspace") or {}).get("root_path") and not tspec.get("run_as"):
+        problems.append(Problem(BUNDLE_FILE, f"{where}.workspace.root_path",
+                                "target with 'mode: production' must set 'workspace.root_path' to make sure only "
+                                "one copy is deployed"))
+    if mode == "development":
+        declared = {"root_path"} | set(tspec.get("workspace") or {})  # the rest derive from root_path
+        for key in ("root_path", "file_path", "artifact_path", "state_path"):
+            path = str(workspace.get(key) or "") if key in declared else ""
+            if path and user["userName"] not in path and user["short_name"] not in path:
+                problems.append(Problem(BUNDLE_FILE, f"{where}.workspace.{key}",
+                                        f"{key} must start with '~/' or contain the current username to ensure "
+                                        "uniqueness when using 'mode: development'"))
+        prefix = str(presets.get("name_prefix") or "")
+        if prefix and not any(u and u in prefix for u in (user["userName"], user["short_name"],
+                                                           user["domain_friendly_name"])):
+            problems.append(Problem(BUNDLE_FILE, f"{where}.presets.name_prefix",
+                                    "prefix should contain the current username or ${workspace.current_user.short_name} "
+                                    "to ensure uniqueness when using 'mode: development'"))
+        if presets.get("trigger_pause_status") == "UNPAUSED":
+            problems.append(Problem(BUNDLE_FILE, f"{where}.presets.trigger_pause_status",
+                                    "target with 'mode: development' cannot set trigger pause status to UNPAUSED "
+                                    "by default"))
+    return problems
+
+
+def _with_volume_paths(resources: dict) -> dict:
+    """``resources`` plus each volume's ``volume_path`` (known once its names are), to look
+    ``${resources.volumes.<key>.volume_path}`` up in; the field is not part of the definition."""
+    volumes = {}
+    for key, volume in (resources.get("volumes") or {}).items():
+        if isinstance(volume, dict) and all(k in volume for k in ("catalog_name", "schema_name", "name")):
+            volume = {**volume, "volume_path": f"/Volumes/{volume['catalog_name']}/{volume['schema_name']}/{volume['name']}"}
+        volumes[key] = volume
+    return {**resources, "volumes": volumes} if volumes else resources
+
+
+def bundle_user() -> str:
+    """The workspace user a bundle is loaded for: ``$DATABRICKS_USER``, else the login name."""
+    return os.environ.get("DATABRICKS_USER") or getpass.getuser()
+
+
 def load_bundle(root: str | os.PathLike = ".", target: str | None = None,
-                variables: dict[str, str] | None = None, local_files: bool = False) -> Bundle:
-    """Load ``root/databricks.yml`` for ``target`` (default: the target marked ``default: true``).
+                variables: dict[str, str] | None = None, local_files: bool = False,
+                user: str | None = None) -> Bundle:
+    """Load ``root/databricks.yml`` for ``target`` (default: the target marked ``default: true``),
+    as ``user`` would deploy it (default :func:`bundle_user`).
 
     ``local_files``: ``${workspace.file_path}`` is the bundle folder itself, as for a run on this
     machine, instead of the folder ``databricks bundle deploy`` syncs it to.
+
+    Resources come out as the CLI deploys them: variables resolved, the target mode's presets
+    applied (``[dev <user>] `` names, paused schedules), then ``${resources.*}`` resolved against the
+    renamed resources.
 
     Raises :class:`BundleError` when the bundle cannot be read at all; problems that still leave a
     usable bundle (undefined references, unknown keys) are collected in ``Bundle.problems``."""
@@ -300,58 +387,74 @@ def load_bundle(root: str | os.PathLike = ".", target: str | None = None,
             resources[rtype][key] = _merge(resources[rtype][key], over)
     artifacts = _merge(artifacts, tspec.get("artifacts") or {})
 
-    var_values = _variables(declared, tspec.get("variables") or {}, variables or {}, problems)
+    var_values = _variables(root, target, declared, tspec.get("variables") or {}, variables or {}, problems)
     bundle_block = _merge(doc.get("bundle") or {}, tspec.get("bundle") or {})
     name = bundle_block.get("name")
     if not name:
         problems.append(Problem(BUNDLE_FILE, "bundle.name", "is required"))
         name = root.name
-    user = os.environ.get("DATABRICKS_USER") or getpass.getuser()
+    me = current_user(user or bundle_user())
     ws = _merge(doc.get("workspace") or {}, tspec.get("workspace") or {})
-    root_path = ws.get("root_path") or f"/Workspace/Users/{user}/.bundle/${{bundle.name}}/${{bundle.target}}"
+    root_path = ws.get("root_path") or f"/Workspace/Users/{me['userName']}/.bundle/${{bundle.name}}/${{bundle.target}}"
     workspace = {**ws, "root_path": root_path,
                  "file_path": str(root) if local_files else ws.get("file_path") or f"{root_path}/files",
-                 "current_user": {"userName": user, "short_name": user.split("@")[0]}}
+                 "artifact_path": ws.get("artifact_path") or f"{root_path}/artifacts",
+                 "state_path": ws.get("state_path") or f"{root_path}/state",
+                 "current_user": me}
     mode = tspec.get("mode")
 
-    context = {"var": var_values, "bundle": {**bundle_block, "name": name, "target": target},
+    context = {"var": var_values, "bundle": {**bundle_block, "name": name, "target": target, "mode": mode},
                "workspace": workspace}
     # Variables may refer to each other and to bundle/workspace fields: resolve to a fixed point.
     for _ in range(_MAX_PASSES):
-        r = _Resolver(context, {}, set())
+        r = _Resolver(context, {})
         resolved_ctx = r.resolve(context, "")
         if resolved_ctx == context:
             break
         context = resolved_ctx
     else:
         problems.append(Problem(BUNDLE_FILE, "variables", "references do not settle: a variable refers to itself"))
-    r = _Resolver(context, {}, set())
+    r = _Resolver(context, None)
     r.resolve(context["var"], "variables")
-    problems += [Problem(BUNDLE_FILE, p, _explain(m, declared, target)) for p, m in r.problems]
+    problems += [Problem(BUNDLE_FILE, p, _explain(m, declared, target)) for p, m in r.problems
+                 if not _unassigned(m, declared, context["var"])]
 
-    # Resources may name each other's fields (${resources.schemas.x.name}); ids exist only after deploy.
-    resolved: dict[str, dict] = {}
-    deploy_time = {"id", "url", "full_name", "experiment_id", "volume_path", "storage_location"}
-    raw = resources
+    # As the CLI: variables first, then the mode's presets, then ${resources.*} against the result.
+    presets = target_presets(mode, _merge(doc.get("presets") or {}, tspec.get("presets") or {}), me)
+    problems += _mode_problems(mode, tspec, target, context["workspace"], presets)
+    first = _Resolver(context, None)
+    resolved = {rt: {k: first.resolve(d, f"resources.{rt}.{k}") for k, d in items.items()}
+                for rt, items in resources.items()}
+    raw = apply_presets(resolved, presets)
+    deploy_time = {"id", "url", "full_name", "experiment_id", "storage_location"}
+    r = _Resolver(context, raw, deploy_time, local_files)
     for _ in range(_MAX_PASSES):
-        r = _Resolver(context, raw, deploy_time, local_files)
+        r = _Resolver(context, _with_volume_paths(raw), deploy_time, local_files)
         resolved = {rt: {k: r.resolve(d, f"resources.{rt}.{k}") for k, d in items.items()} for rt, items in raw.items()}
         if resolved == raw:
             break
         raw = resolved
     seen = set()
-    for path, message in r.problems:
+    for path, message in first.problems + r.problems:
         parts = path.split(".")
         src = sources.get((parts[1], re.sub(r"\[\d+\]$", "", parts[2]))) if len(parts) > 2 else None
-        if (path, message) not in seen:
+        if (path, message) not in seen and not _unassigned(message, declared, context["var"]):
             seen.add((path, message))
             problems.append(Problem(str(src.relative_to(root)) if src else BUNDLE_FILE, path,
                                     _explain(message, declared, target)))
     ra = _Resolver(context, resolved, deploy_time)
     artifacts = ra.resolve(artifacts, "artifacts")
     run_as = ra.resolve(tspec.get("run_as") or {}, f"targets.{target}.run_as")
-    problems += [Problem(BUNDLE_FILE, p, _explain(m, declared, target)) for p, m in ra.problems]
+    problems += [Problem(BUNDLE_FILE, p, _explain(m, declared, target)) for p, m in ra.problems
+                 if not _unassigned(m, declared, context["var"])]
 
     return Bundle(root=root, name=name, target=target, mode=mode, variables=context["var"], resources=resolved,
                   sources=sources, artifacts=artifacts, workspace=context["workspace"],
-                  targets=list(targets), run_as=run_as, problems=problems)
+                  targets=list(targets), run_as=run_as, presets=presets, problems=problems)
+
+
+def _unassigned(message: str, declared: dict, values: dict) -> bool:
+    """A reference to a declared variable without a value: already reported once, under
+    ``variables.<name>``, as the CLI reports it."""
+    m = re.fullmatch(r"undefined reference \$\{var\.([\w-]+)[^}]*\}", message)
+    return bool(m) and m.group(1) in declared and m.group(1) not in values
