@@ -1,11 +1,14 @@
-"""Bundle job entry point: `python jobs/deploy.py [--model-name NAME] [--endpoint NAME] [--traffic P] [--target T]`.
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # lakevision job step: deploy
+# MAGIC Gate, register, canary on the Model Serving endpoint through the Databricks SDK, then promote or roll back. Widgets: `model_uri` (empty: the experiment's best run), `model_name`, `endpoint`, `traffic`, `task`. Task values: `status`, `endpoint`, `champion_version`. Fails the task unless the new version serves.
+# MAGIC
+# MAGIC A job task runs this notebook with the lakevision wheel installed as a task library; the step's
+# MAGIC options are the widgets of the same name, and its result is published as task values (only a
+# MAGIC notebook task can publish them). `lakevision deploy` runs the same step from a shell.
 
-Same arguments as `lakevision deploy`; the work is in lakevision.serving.pipeline.
-"""
+# COMMAND ----------
 
-import sys
+from lakevision.jobs.notebook import run_notebook_step
 
-from lakevision.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["deploy", *sys.argv[1:]]))
+run_notebook_step("deploy")

@@ -1,11 +1,14 @@
-"""Bundle job entry point: `python jobs/evaluate.py --model-uri URI [--task T] [--target T]`.
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # lakevision job step: evaluate
+# MAGIC COCO-exact metrics and plots of a logged model on the gold test split, logged to its MLflow run. Widgets: `model_uri` (empty: the champion of `model_name`), `model_name`, `task`, `data_version`. Task values: `run_id`, `data_version`, `metrics`.
+# MAGIC
+# MAGIC A job task runs this notebook with the lakevision wheel installed as a task library; the step's
+# MAGIC options are the widgets of the same name, and its result is published as task values (only a
+# MAGIC notebook task can publish them). `lakevision evaluate` runs the same step from a shell.
 
-Same arguments as `lakevision evaluate`; the work is in lakevision.evaluation.evaluate.
-"""
+# COMMAND ----------
 
-import sys
+from lakevision.jobs.notebook import run_notebook_step
 
-from lakevision.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+run_notebook_step("evaluate")

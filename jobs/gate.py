@@ -1,11 +1,14 @@
-"""Bundle job entry point: `python jobs/gate.py --model-uri URI [--model-name NAME] [--target T]`.
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # lakevision job step: gate
+# MAGIC The metric gate: thresholds and beat-the-champion; a pass registers the version and aliases it `challenger`. Widgets: `model_uri`, `model_name`, `data_version`, `continue_on_fail` (`true`: a failed gate is an outcome the job's condition task reads, not a failure). Task values: `passed`, `message`, `model_version`.
+# MAGIC
+# MAGIC A job task runs this notebook with the lakevision wheel installed as a task library; the step's
+# MAGIC options are the widgets of the same name, and its result is published as task values (only a
+# MAGIC notebook task can publish them). `lakevision gate` runs the same step from a shell.
 
-Same arguments as `lakevision gate`; the work is in lakevision.registry.gate.
-"""
+# COMMAND ----------
 
-import sys
+from lakevision.jobs.notebook import run_notebook_step
 
-from lakevision.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["gate", *sys.argv[1:]]))
+run_notebook_step("gate")

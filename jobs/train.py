@@ -1,11 +1,14 @@
-"""Bundle job entry point: `python jobs/train.py --task detection [--target T] [--data-version N]`.
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # lakevision job step: train
+# MAGIC Ray-on-Spark and Ray Train fit a torchvision model on the gold table; everything goes to MLflow. Widgets: `task`, `data_version`, `set` (config overrides, one per line). Task values: `model_uri`, `run_id`, `data_version`, `best_metric`, `best_value`.
+# MAGIC
+# MAGIC A job task runs this notebook with the lakevision wheel installed as a task library; the step's
+# MAGIC options are the widgets of the same name, and its result is published as task values (only a
+# MAGIC notebook task can publish them). `lakevision train` runs the same step from a shell.
 
-Same arguments as `lakevision train`; the work is in lakevision.training.train.
-"""
+# COMMAND ----------
 
-import sys
+from lakevision.jobs.notebook import run_notebook_step
 
-from lakevision.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+run_notebook_step("train")

@@ -15,12 +15,13 @@
 # MAGIC The same notebook runs on Databricks (Unity Catalog tables, the cluster's Spark) and on a laptop
 # MAGIC (`python notebooks/01_quickstart.py`: Sail, Delta folders and a sqlite MLflow under `root`).
 # MAGIC Parameters are widgets, or `LAKEVISION_WIDGET_<NAME>` environment variables locally. The `%pip`
-# MAGIC cell installs the bundle's package from the folder above this notebook (skip it where the wheel is
-# MAGIC a cluster library); locally it is a comment.
+# MAGIC cell installs the wheel `databricks bundle deploy` uploaded next to the synced files (nothing is
+# MAGIC built inside /Workspace); locally it is a comment. Target, config and table names are the
+# MAGIC bundle's: the target of the folder it was deployed to, `local` in a checkout.
 
 # COMMAND ----------
 
-# MAGIC %pip install --quiet ..
+# MAGIC %pip install --quiet ../../artifacts/.internal/lakevision-0.1.0-py3-none-any.whl
 
 # COMMAND ----------
 
@@ -32,10 +33,10 @@
 # COMMAND ----------
 
 from lakevision.bundle.task_context import widget
-from lakevision.config import load_config
+from lakevision.notebook_setup import notebook_config
 from lakevision.runtime import get_runtime
 
-cfg = load_config(widget("config_dir") or None, widget("target", "local"), profile=widget("profile") or None)
+cfg = notebook_config()  # the target and names of the bundle this notebook belongs to
 rt = get_runtime(cfg, widget("root") or None)  # empty: $LAKEVISION_ROOT or .lakevision
 
 # COMMAND ----------

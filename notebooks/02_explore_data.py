@@ -5,19 +5,19 @@
 # MAGIC What the ingest job wrote, read back from the Delta tables: the gold `samples` per split and
 # MAGIC category, the `quarantine` by reason, the lineage of ingest runs, and a grid of images with their
 # MAGIC ground-truth boxes. Run `01_quickstart` (or the ingest job) first. The `%pip` cell installs the
-# MAGIC bundle's package on Databricks; locally it is a comment.
+# MAGIC wheel the bundle deployed (Databricks); locally it is a comment.
 
 # COMMAND ----------
 
-# MAGIC %pip install --quiet ..
+# MAGIC %pip install --quiet ../../artifacts/.internal/lakevision-0.1.0-py3-none-any.whl
 
 # COMMAND ----------
 
 from lakevision.bundle.task_context import widget
-from lakevision.config import load_config
+from lakevision.notebook_setup import notebook_config
 from lakevision.runtime import get_runtime
 
-cfg = load_config(widget("config_dir") or None, widget("target", "local"), profile=widget("profile") or None)
+cfg = notebook_config()  # the target and names of the bundle this notebook belongs to
 rt = get_runtime(cfg, widget("root") or None)  # empty: $LAKEVISION_ROOT or .lakevision
 
 # COMMAND ----------

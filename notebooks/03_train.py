@@ -7,20 +7,20 @@
 # MAGIC parameters, the dataset version, per-epoch metrics and the packaged serving model.
 # MAGIC
 # MAGIC Widgets: `task` (`classification`, `detection` or `segmentation`; empty: the config's
-# MAGIC `training.task`), `data_version` (empty: latest). The `%pip` cell installs the bundle's package on
-# MAGIC Databricks; locally it is a comment.
+# MAGIC `training.task`), `data_version` (empty: latest). The `%pip` cell installs the wheel the bundle
+# MAGIC deployed (Databricks); locally it is a comment.
 
 # COMMAND ----------
 
-# MAGIC %pip install --quiet ..
+# MAGIC %pip install --quiet ../../artifacts/.internal/lakevision-0.1.0-py3-none-any.whl
 
 # COMMAND ----------
 
 from lakevision.bundle.task_context import widget
-from lakevision.config import load_config
+from lakevision.notebook_setup import notebook_config
 from lakevision.runtime import get_runtime
 
-cfg = load_config(widget("config_dir") or None, widget("target", "local"), profile=widget("profile") or None)
+cfg = notebook_config()  # the target and names of the bundle this notebook belongs to
 rt = get_runtime(cfg, widget("root") or None)  # empty: $LAKEVISION_ROOT or .lakevision
 
 # COMMAND ----------

@@ -1,4 +1,4 @@
-"""The `lakevision` command and jobs/ingest.py as a user runs them: real processes, real tables."""
+"""The `lakevision` command and the jobs/ingest.py notebook as a job runs them: real processes, real tables."""
 
 from __future__ import annotations
 
@@ -49,12 +49,38 @@ def test_ingest_json_prints_exactly_one_object(dataset, tmp_path):
     assert out["quarantine_by_reason"] == {c: 1 for c in sorted(DEFECT_CODES)}
 
 
-def test_job_entry_point_prints_summary_and_progress(dataset, tmp_path):
-    proc = _run(str(REPO / "jobs" / "ingest.py"), *_ingest_args(dataset, tmp_path / "root"))
+def _notebook_step(name: str, widgets: dict[str, str], values: Path) -> subprocess.CompletedProcess:
+    """The job notebook jobs/<name>.py as a notebook task runs it: widgets in, task values out."""
+    from lakevision.bundle.runner import _NOTEBOOK_LAUNCHER
+
+    env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"), LAKEVISION_TASK_TYPE="notebook_task",
+               LAKEVISION_TASK_VALUES=str(values), **{f"LAKEVISION_WIDGET_{k.upper()}": v for k, v in widgets.items()})
+    return subprocess.run([sys.executable, "-c", _NOTEBOOK_LAUNCHER, str(REPO / "jobs" / f"{name}.py")],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_job_notebook_publishes_values_and_prints_summary(dataset, tmp_path):
+    root = tmp_path / "root"
+    proc = _notebook_step("ingest", {"annotations": str(dataset.annotation_file), "images": str(dataset.image_dir),
+                                     "root": str(root)}, tmp_path / "values.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checking images" in proc.stderr
     for name in TABLES:
         assert name in proc.stdout
     assert "missing_file" in proc.stdout
+    values = json.loads((tmp_path / "values.json").read_text())
+    assert values["samples_version"] == DeltaTable(str(root / "tables" / "lakevision" / "samples")).version()
+    assert values["quarantined"] == len(DEFECT_CODES)
+
+
+def test_failing_job_notebook_fails_and_names_the_problem(dataset, tmp_path):
+    proc = _notebook_step("ingest", {"annotations": str(tmp_path / "missing.json"), "images": str(dataset.image_dir),
+                                     "root": str(tmp_path / "root")}, tmp_path / "values.json")
+    assert proc.returncode != 0
+    assert "missing.json" in proc.stderr.splitlines()[-1]
+    proc = _notebook_step("ingest", {"images": str(dataset.image_dir)}, tmp_path / "values.json")
+    assert proc.returncode != 0
+    assert "WidgetError: jobs/ingest: the following arguments are required: --annotations" in proc.stderr
 
 
 def test_malformed_file_exits_2_with_the_field(dataset, tmp_path):
@@ -117,4 +143,3 @@ def test_generate_and_top_level_imports(tmp_path):
 
     for name in lakevision.__all__:
         assert getattr(lakevision, name) is not None
-    assert Path(REPO / "jobs" / "ingest.py").exists()

@@ -1,4 +1,4 @@
-"""`jobs/deploy.py` and `lakevision gate` as a user runs them: real processes, a local workspace
+"""`lakevision deploy` and `lakevision gate` as a user runs them: real processes, a local workspace
 started on demand, endpoint records that outlive it."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def root(ingested_runtime):
 def test_deploy_job_deploys_then_refuses_a_failing_model(ingested_runtime, root):
     mlflow.set_tracking_uri(ingested_runtime.tracking_uri)
     uri, _ = log_trained_model(ingested_runtime, seed=5, best_metric=0.7)
-    proc = _run(root, "jobs/deploy.py", "--endpoint", "e2e", "--model-name", "job_model",
+    proc = _run(root, "-m", "lakevision.cli", "deploy", "--endpoint", "e2e", "--model-name", "job_model",
                 "--set", "deployment.metrics_threshold={accuracy: 0.0}", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -58,7 +58,7 @@ def test_deploy_job_deploys_then_refuses_a_failing_model(ingested_runtime, root)
 def test_gate_command_registers_a_passing_model(ingested_runtime, root):
     mlflow.set_tracking_uri(ingested_runtime.tracking_uri)
     uri, _ = log_trained_model(ingested_runtime, seed=6)
-    proc = _run(root, "jobs/gate.py", "--model-uri", uri, "--model-name", "gate_job_model",
+    proc = _run(root, "-m", "lakevision.cli", "gate", "--model-uri", uri, "--model-name", "gate_job_model",
                 "--set", "deployment.metrics_threshold={accuracy: 0.0}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gate passed" in proc.stdout and "registered gate_job_model version 1" in proc.stdout

@@ -25,7 +25,7 @@ from lakevision.training.dataset import load_rgb, load_split
 
 from .conftest import CONFIG_DIR
 from .models import log_trained_model
-from .test_bundle import _mini_bundle, _py
+from .mini_bundle import mini_bundle, nb
 
 TOKEN = "monitor-test-token"
 ENDPOINT = "monitored"
@@ -108,7 +108,7 @@ def test_request_images_reads_every_input_format():
 
 
 def test_local_trigger_starts_the_job_with_the_last_parameters(tmp_path, spark, config):
-    bundle = _mini_bundle(tmp_path, [_py("step", "v:got={{job.parameters.data}}")],
+    bundle = mini_bundle(tmp_path, [nb("step", "v:got={{job.parameters.data}}")],
                           parameters=[{"name": "data", "default": "default-data"}])
     root = tmp_path / "root"
     last = root / "runs" / "j" / "1000"

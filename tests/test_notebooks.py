@@ -4,6 +4,7 @@ bundle's with a tiny profile laid over it, and the data is a 24-image sample dat
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import subprocess
@@ -13,11 +14,17 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from lakevision.bundle.loader import load_bundle
 from lakevision.data.synthetic import DEFECT_CODES
 
 from .conftest import CONFIG_DIR, REPO
 
 NOTEBOOK_DIR = REPO / "notebooks"
+# a checkout's notebooks use the bundle's local target, development presets included, as its jobs do
+_LOCAL = load_bundle(REPO, "local", local_files=True, user=getpass.getuser()).resources  # DATABRICKS_* is cleared below
+SCHEMA = _LOCAL["schemas"]["lakevision"]["name"]
+EXPERIMENT = _LOCAL["experiments"]["lakevision"]["name"]
+MODEL = _LOCAL["registered_models"]["detector"]["name"]
 NOTEBOOKS = ["01_quickstart", "02_explore_data", "03_train", "04_evaluate", "05_deploy_and_query"]
 SAMPLE_IMAGES = 24
 TINY_PROFILE = {
@@ -97,7 +104,7 @@ def test_01_quickstart_ingests(run_notebook, root):
     assert _one(r"^annotations: (.+)$", out)[1] == str(root.resolve() / "sample" / "annotations" / "instances.json")
     for table in ("images", "samples"):  # every generated image but the 5 bad ones, at the first version
         assert _one(rf"^{table}\s+(\d+)\s+(\d+)\s+(\S+)$", out).groups() == (
-            "0", str(SAMPLE_IMAGES), str(root.resolve() / "tables" / "lakevision" / table))
+            "0", str(SAMPLE_IMAGES), str(root.resolve() / "tables" / SCHEMA / table))
     assert _one(r"^quarantine\s+0\s+(\d+)", out)[1] == str(len(DEFECT_CODES))
     assert _one(r"^quarantined by reason: (.+)$", out)[1] == str({code: 1 for code in sorted(DEFECT_CODES)})
 
@@ -105,7 +112,7 @@ def test_01_quickstart_ingests(run_notebook, root):
 def test_02_explore_data_shows_tables_and_draws_images(run_notebook, root):
     out = run_notebook("02_explore_data")
     assert _one(r"^samples \((\S+)\) at version (\d+)$", out).groups() == (
-        str(root.resolve() / "tables" / "lakevision" / "samples"), "0")
+        str(root.resolve() / "tables" / SCHEMA / "samples"), "0")
     splits = {m[0]: int(m[1]) for m in re.findall(r"^\|\s*(train|val|test)\|\s*(\d+)\|\s*\d+\|$", out, re.MULTILINE)}
     assert set(splits) == {"train", "val", "test"} and sum(splits.values()) == SAMPLE_IMAGES
     assert set(re.findall(r"^\|\s*(circle|square|triangle)\|", out, re.MULTILINE)) == {"circle", "square", "triangle"}
@@ -120,7 +127,7 @@ def test_03_train_logs_a_run_with_its_reference_profile(run_notebook, mlflow_cli
     out = run_notebook("03_train")
     run, model_uri = _training_run(mlflow_client, out)
     assert "detection / fasterrcnn_resnet18_fpn on " in out and run.data.params["training.data.image_size"] == "64"
-    experiment = mlflow_client.get_experiment_by_name("lakevision")
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
     assert len(mlflow_client.search_runs([experiment.experiment_id], "tags.`lakevision.task` = 'detection'")) == 1
     # the monitor job's yardstick: statistics and embeddings of the training images
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "monitoring")}
@@ -131,7 +138,7 @@ def test_03_train_logs_a_run_with_its_reference_profile(run_notebook, mlflow_cli
 
 
 def test_04_evaluate_scores_the_best_model(run_notebook, mlflow_client):
-    experiment = mlflow_client.get_experiment_by_name("lakevision")
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
     runs = mlflow_client.search_runs([experiment.experiment_id], "tags.`lakevision.task` = 'detection'")
     best_value = max(r.data.metrics["best_val_map_50"] for r in runs)
     out = run_notebook("04_evaluate")
@@ -150,12 +157,12 @@ def test_05_deploys_then_queries_the_endpoint(run_notebook, root, mlflow_client)
     out = run_notebook("05_deploy_and_query")
     assert "gate passed for models:/" in out
     assert "deployment deployed: created, traffic steps [100], problems []" in out
-    assert "champion lakevision_detector version 1 (previous: None)" in out
-    assert str(mlflow_client.get_model_version_by_alias("lakevision_detector", "champion").version) == "1"
+    assert f"champion {MODEL} version 1 (previous: None)" in out
+    assert str(mlflow_client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     assert (root / "workspace" / "endpoints" / "lakevision-detector.json").is_file()
     # the query went to a restarted workspace, which served the version the deployment left
     served_by, image = _one(r"^(\S+) answered for (\S+)$", out).groups()
-    assert served_by == "lakevision_detector-1" and image.startswith(str(root.resolve() / "sample" / "images"))
+    assert served_by == f"{MODEL}-1" and image.startswith(str(root.resolve() / "sample" / "images"))
     assert int(_one(r"^(\d+) objects, the first 10:$", out)[1]) > 0
     first = _one(r"^0\s+(circle|square|triangle)\s+(\S+)\s+\[(.+)\]$", out)
     assert 0.05 <= float(first[2]) <= 1 and len(first[3].split(",")) == 4

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lakevision.bundle.loader import load_bundle
 from lakevision.data.synthetic import generate_dataset
 
 from .conftest import REPO
@@ -24,7 +25,11 @@ TINY = {
     "deployment": {"metrics_threshold": {"map_50": 0.0}, "canary": {"smoke_requests": 2},
                    "serving": {"exports": []}},
 }
-ENDPOINT = "lakevision-detector"  # the bundle's endpoint_name for the local target
+# the names the local target (development mode) gives the tables and the model, as the runner sees them
+_LOCAL = load_bundle(REPO, "local", local_files=True)
+SCHEMA = _LOCAL.resources["schemas"]["lakevision"]["name"]
+MODEL = _LOCAL.resources["registered_models"]["detector"]["name"]
+ENDPOINT = _LOCAL.variables["endpoint_name"]
 
 
 def _run_job(root: Path, job: str, *args: str) -> dict:
@@ -52,8 +57,8 @@ def _mlflow_state(root: Path) -> tuple[dict, int]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", registry_uri=f"sqlite:///{root / 'mlflow.db'}")
-    model = client.get_registered_model("lakevision_detector")
-    versions = client.search_model_versions("name='lakevision_detector'")
+    model = client.get_registered_model(MODEL)
+    versions = client.search_model_versions(f"name='{MODEL}'")
     return {alias: str(v) for alias, v in model.aliases.items()}, len(versions)
 
 
@@ -98,7 +103,8 @@ def test_every_stage_succeeds_and_passes_its_values_on(pipeline_runs):
     assert train["data_version"] == evaluate["data_version"] == 0
     assert train["model_uri"].startswith("models:/") and train["task"] == "detection"
     assert evaluate["run_id"] == train["run_id"] and 0.0 <= evaluate["metrics"]["map_50"] <= 1.0
-    assert gate == {"passed": True, "message": gate["message"], "model_version": "1"}
+    assert gate["passed"] is True and gate["model_version"] == "1"
+    assert gate["message"] == f"gate passed for {train['model_uri']} at data version 0"
     assert tasks["gate_passed"]["outcome"] == "true"
     assert tasks["deploy"]["values"] == {"status": "deployed", "endpoint": ENDPOINT, "champion_version": "1"}
 
@@ -108,12 +114,13 @@ def test_deployed_state_is_real(pipeline_runs):
     aliases, versions = pipeline_runs["mlflow_after_first"]
     assert aliases == {"champion": "1"} and versions == 1
     serving = pipeline_runs["serving_after_first"]
-    assert serving["entities"] == [("lakevision_detector", "1")]
+    assert SCHEMA.startswith("dev_") and MODEL.startswith("dev_")
+    assert serving["entities"] == [(MODEL, "1")]
     assert serving["routes"][0]["traffic_percentage"] == 100
     # the table the runner's ingest wrote is a Delta table at the version it reported
     from deltalake import DeltaTable
 
-    assert DeltaTable(str(root / "tables" / "lakevision" / "samples")).version() == 0
+    assert DeltaTable(str(root / "tables" / SCHEMA / "samples")).version() == 0
     logs = Path(pipeline_runs["first"]["run_dir"])
     assert {p.name for p in logs.glob("*.log")} == {f"{k}.log" for k in ("ingest", "train", "evaluate", "gate", "deploy")}
 
@@ -146,5 +153,5 @@ def test_monitor_job_checks_the_deployed_endpoint(pipeline_runs):
     # the deploy's smoke requests went through the endpoint's inference table
     from deltalake import DeltaTable
 
-    logged = DeltaTable(str(pipeline_runs["root"] / "tables" / "lakevision" / "lakevision_detector_payload")).to_pandas()
+    logged = DeltaTable(str(pipeline_runs["root"] / "tables" / SCHEMA / "lakevision_detector_payload")).to_pandas()
     assert len(logged) >= 2 and set(logged["status_code"]) == {200}

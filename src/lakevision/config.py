@@ -6,6 +6,7 @@ one place with a message that names the file and the key path.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -23,6 +24,8 @@ PROFILE_ENV = "LAKEVISION_PROFILE"
 # names the catalog, schema, volume and experiment of a Databricks target.
 TARGET_FIELD_ENVS = {"catalog": "LAKEVISION_CATALOG", "schema": "LAKEVISION_SCHEMA",
                      "volume": "LAKEVISION_VOLUME", "experiment": "LAKEVISION_EXPERIMENT"}
+# ... and the registered model and the serving endpoint (over deployment_config.yaml, under --set)
+DEPLOYMENT_FIELD_ENVS = {"model_name": "LAKEVISION_MODEL_NAME", "endpoint_name": "LAKEVISION_ENDPOINT"}
 
 
 class ConfigError(LakevisionError, ValueError):
@@ -387,7 +390,9 @@ def load_config(
     ``overrides`` are ``section.key.path=value`` strings (value in YAML), e.g.
     ``training.optimization.max_epochs=3``; the section names the file they apply to and they win
     over the profile. A Databricks target's catalog, schema, volume and experiment can be set by
-    ``$LAKEVISION_CATALOG``, ``$LAKEVISION_SCHEMA``, ``$LAKEVISION_VOLUME``, ``$LAKEVISION_EXPERIMENT``."""
+    ``$LAKEVISION_CATALOG``, ``$LAKEVISION_SCHEMA``, ``$LAKEVISION_VOLUME``, ``$LAKEVISION_EXPERIMENT``, and
+    ``deployment.model_name`` / ``endpoint_name`` by ``$LAKEVISION_MODEL_NAME`` / ``$LAKEVISION_ENDPOINT``
+    (a bundle's job clusters set all of these from its resources)."""
     target = target or os.environ.get(TARGET_ENV) or "local"
     profile = profile if profile is not None else os.environ.get(PROFILE_ENV) or None
     cdir = Path(config_dir) if config_dir is not None else default_config_dir()
@@ -398,10 +403,12 @@ def load_config(
     if unknown:
         raise ConfigError(f"override {unknown[0]!r}: must start with one of {sorted(sections.values())}")
     prof = _load_profile(profile, cdir, sections) if profile else None
+    named = [f"deployment.{field}={json.dumps(os.environ[env])}" for field, env in DEPLOYMENT_FIELD_ENVS.items()
+             if os.environ.get(env)]
     loaded: dict[str, Any] = {}
     for key, model in _FILES.items():
         path = cdir / f"{key}_config.yaml" if cdir else None
-        mine = [o for o in overrides or [] if o.split(".", 1)[0] == sections[key]]
+        mine = [o for o in named + list(overrides or []) if o.split(".", 1)[0] == sections[key]]
         part = (prof[0], {sections[key]: prof[1][sections[key]]}) if prof and sections[key] in prof[1] else None
         loaded[key] = load_yaml_model(path if path and path.exists() else None, model, mine, part)
     tpath = cdir / "targets.yaml" if cdir else None

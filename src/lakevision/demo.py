@@ -12,7 +12,7 @@ from typing import Any
 
 from lakevision.bundle.loader import load_bundle
 from lakevision.bundle.runner import SUCCESS, JobRun, LocalJobRunner
-from lakevision.cli import print_task_progress
+from lakevision.bundle.commands import print_task_progress
 from lakevision.runtime import local_root
 
 DEMO_JOB = "cv_pipeline"
@@ -90,7 +90,8 @@ def run_demo(root: str | os.PathLike | None = None, images: int = 400, bundle_di
     deploy = next((t for t in run.tasks if t.task_key == "deploy"), None)
     if deploy is not None and deploy.status == SUCCESS:
         image = sorted(Path(ds.image_dir).iterdir())[0]
-        sample = query_endpoint(root, deploy.values["endpoint"], bundle.variables["model_name"], image)
+        model_name = bundle.resources["registered_models"]["detector"]["name"]  # dev_<user>_ in a development target
+        sample = query_endpoint(root, deploy.values["endpoint"], model_name, image)
     for line in _report(run, root, sample):
         print(line)
     summary = {"status": run.status, "minutes": round((time.monotonic() - t0) / 60, 2)}

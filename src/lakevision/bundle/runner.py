@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lakevision.bundle.loader import Bundle, BundleError, Problem
-from lakevision.bundle.task_context import TASK_VALUES_ENV, widget_env
+from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VALUES_ENV, widget_env
 from lakevision.bundle.validate import DYNAMIC_REF, notebook_file, validate_bundle
 from lakevision.errors import LakevisionError
 from lakevision.runtime import ROOT_ENV
@@ -38,7 +38,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HEARTBEAT_S = 30.0  # how often a long task reports its latest log line
 
 # Runs the console script `entry_point` of distribution `package` with the remaining arguments,
-# as a python_wheel_task does on a cluster.
+# as a python_wheel_task does on a cluster: the entry point's return value is ignored (see
+# databricks/cli bundle/trampoline/python_wheel.go), so only an exception or SystemExit fails it.
 _WHEEL_LAUNCHER = """
 import sys
 from importlib.metadata import distribution
@@ -47,7 +48,24 @@ matches = [e for e in distribution(package).entry_points if e.group == "console_
 if not matches:
     sys.exit(f"package {package} has no console_scripts entry point {entry_point!r}")
 sys.argv = [entry_point, *sys.argv[3:]]
-sys.exit(matches[0].load()())
+matches[0].load()()
+"""
+
+# Runs a Databricks source-format notebook as a notebook task does: from the notebook's own
+# folder (the working directory of a workspace notebook), with no __file__ (a notebook has none).
+# A cell that raises fails the task; sys.exit() is no way to end a notebook (dbutils.notebook.exit
+# is), so it fails the task too rather than passing for success.
+_NOTEBOOK_LAUNCHER = """
+import os, sys
+path = os.path.abspath(sys.argv[1])
+os.chdir(os.path.dirname(path))
+sys.argv = [path]
+code = compile(open(path, encoding="utf-8").read(), path, "exec")
+try:
+    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+except SystemExit as exc:
+    sys.exit(f"{os.path.basename(path)}: the notebook called sys.exit({exc.code!r}); a notebook task ends with "
+             "dbutils.notebook.exit() or fails by raising an exception")
 """
 
 
@@ -77,6 +95,8 @@ class JobRun:
     tasks: list[TaskRun]
     seconds: float
     run_dir: str
+    # who the job's email_notifications would write to about this run, by rule (on_failure, ...)
+    notifications: dict[str, list[str]] = field(default_factory=dict)
 
     def task(self, key: str) -> TaskRun:
         return next(t for t in self.tasks if t.task_key == key)
@@ -212,7 +232,10 @@ class LocalJobRunner:
         if "python_wheel_task" in task:
             w = task["python_wheel_task"]
             res = [self._resolve(str(p), ctx, where) for p in w.get("parameters") or []]
-            res += [f"--{k}={self._resolve(str(v), ctx, where)}" for k, v in (w.get("named_parameters") or {}).items()]
+            named = w.get("named_parameters")
+            if named is not None:  # job parameters reach a wheel task only as keyword arguments, and win
+                named = {**{k: self._resolve(str(v), ctx, where) for k, v in named.items()}, **ctx["parameters"]}
+                res += [f"--{k}={v}" for k, v in named.items()]
             return [sys.executable, "-c", _WHEEL_LAUNCHER, w["package_name"], w["entry_point"], *res], env
         if "spark_python_task" in task:
             s = task["spark_python_task"]
@@ -220,11 +243,15 @@ class LocalJobRunner:
             return [sys.executable, str((src.parent / s["python_file"]).resolve()), *res], env
         if "notebook_task" in task:
             n = task["notebook_task"]
-            # notebooks see the job's parameters and their base_parameters as widgets
-            widgets = {**ctx["parameters"], **{k: self._resolve(str(v), ctx, where)
-                                              for k, v in (n.get("base_parameters") or {}).items()}}
+            path = notebook_file(src.parent, n["notebook_path"])
+            if path is None or path.suffix != ".py":
+                raise JobRunError(f"{where}: {n['notebook_path']}: only Python notebooks in source format "
+                                  "(# Databricks notebook source) run on this machine")
+            # widgets: the task's base_parameters, and the job's parameters, which win on the same key
+            widgets = {**{k: self._resolve(str(v), ctx, where) for k, v in (n.get("base_parameters") or {}).items()},
+                       **ctx["parameters"]}
             env.update({widget_env(k): v for k, v in widgets.items()})
-            return [sys.executable, str(notebook_file(src.parent, n["notebook_path"]))], env
+            return [sys.executable, "-c", _NOTEBOOK_LAUNCHER, str(path)], env
         kind = next(k for k in task if k.endswith("_task"))
         raise JobRunError(f"{where}: a {kind} cannot run on this machine; only python_wheel_task, "
                           "spark_python_task, notebook_task and condition_task can")
@@ -247,8 +274,12 @@ class LocalJobRunner:
         except JobRunError as exc:
             result.message = str(exc)
             return result
+        kind = next(k for k in task if k.endswith("_task"))
         env = {**os.environ, **self._cluster_env(task, job), **extra_env,
-               TASK_VALUES_ENV: str(values_file), ROOT_ENV: str(self.root), "PYTHONUNBUFFERED": "1"}
+               TASK_TYPE_ENV: kind, ROOT_ENV: str(self.root), "PYTHONUNBUFFERED": "1"}
+        env.pop(TASK_VALUES_ENV, None)
+        if kind == NOTEBOOK_TASK:  # the only task type whose values Databricks keeps
+            env[TASK_VALUES_ENV] = str(values_file)
         retries = int(task.get("max_retries") or 0)
         interval = int(task.get("min_retry_interval_millis") or 0) / 1000
         limit = task.get("timeout_seconds") or None
@@ -259,7 +290,7 @@ class LocalJobRunner:
             if deadline is not None:
                 timeout = min(timeout or 1e9, max(1.0, deadline - time.monotonic()))
             with open(log, "a") as out:
-                shown = argv[4:] if argv[1] == "-c" else argv[1:]  # the wheel launcher's code is noise
+                shown = argv[3:] if argv[1] == "-c" else argv[1:]  # the launcher's code is noise
                 out.write(f"=== attempt {attempt}: {shlex.join(shown)}\n")
                 out.flush()
                 # its own session, so a timeout kills the task's Spark, Ray and workspace children too
@@ -363,14 +394,22 @@ class LocalJobRunner:
             self._report("done", result, i, len(order))
         tasks = [runs[t["task_key"]] for t in job.get("tasks") or []]
         failed = any(t.status in (FAILED, TIMED_OUT) for t in tasks)
-        run = JobRun(job_key, run_id, self.bundle.target, FAILED if failed else SUCCESS, params, tasks,
-                     round(time.monotonic() - started, 2), str(run_dir))
+        status = FAILED if failed else SUCCESS
+        run = JobRun(job_key, run_id, self.bundle.target, status, params, tasks,
+                     round(time.monotonic() - started, 2), str(run_dir), notifications(job, status))
         (run_dir / "run.json").write_text(json.dumps(run.to_json(), indent=2))
         return run
 
     def _report(self, event: str, task: TaskRun, i: int, n: int) -> None:
         if self.progress is not None:
             self.progress(event, task, i, n)
+
+
+def notifications(job: dict, status: str) -> dict[str, list[str]]:
+    """The job's email rules that fire for a run that ended with ``status``."""
+    rules = job.get("email_notifications") or {}
+    rule = "on_success" if status == SUCCESS else "on_failure"
+    return {rule: list(rules[rule])} if rules.get(rule) else {}
 
 
 def parse_params(items: list[str], flag: str) -> dict[str, str]:

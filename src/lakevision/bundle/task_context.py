@@ -1,10 +1,12 @@
 """What a job task knows about its run: its widget parameters and the task values it passes on.
 
-On Databricks these are ``dbutils.widgets`` and ``dbutils.jobs.taskValues``. Under the local job
-runner (:mod:`lakevision.bundle.runner`) a task is a child process: widgets arrive as
-``LAKEVISION_WIDGET_<NAME>`` environment variables and task values go to the JSON file named by
-``LAKEVISION_TASK_VALUES``. Outside any job both are no-ops, so a notebook or a CLI command runs
-the same way by hand.
+On Databricks these are ``dbutils.widgets`` and ``dbutils.jobs.taskValues``. Task values exist
+only in notebook tasks: elsewhere ``dbutils.jobs.taskValues.set`` does nothing, and downstream
+references to them never resolve. Under the local job runner (:mod:`lakevision.bundle.runner`) a
+task is a child process: widgets arrive as ``LAKEVISION_WIDGET_<NAME>`` environment variables,
+a notebook task's values go to the JSON file named by ``LAKEVISION_TASK_VALUES``, and any other
+task type (``LAKEVISION_TASK_TYPE``) that sets a value fails, as a green run here must mean a
+working run there. Outside any job both are no-ops, so a notebook runs the same way by hand.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from lakevision.errors import LakevisionError
 log = logging.getLogger(__name__)
 
 TASK_VALUES_ENV = "LAKEVISION_TASK_VALUES"
+TASK_TYPE_ENV = "LAKEVISION_TASK_TYPE"
+NOTEBOOK_TASK = "notebook_task"
 WIDGET_ENV_PREFIX = "LAKEVISION_WIDGET_"
 # Databricks refuses a task value whose JSON is larger than this.
 MAX_TASK_VALUE_BYTES = 48 * 1024
@@ -67,6 +72,11 @@ def _encode(key: str, value: Any) -> str:
 def set_task_values(**values: Any) -> None:
     """Publish values for downstream tasks (``{{tasks.<this task>.values.<key>}}``)."""
     encoded = {k: _encode(k, v) for k, v in values.items()}
+    task_type = os.environ.get(TASK_TYPE_ENV)
+    if task_type and task_type != NOTEBOOK_TASK:
+        raise TaskValueError(f"task values {sorted(values)}: this task is a {task_type}, and Databricks keeps task "
+                             f"values only from a {NOTEBOOK_TASK} (dbutils.jobs.taskValues.set does nothing "
+                             "elsewhere, so downstream references would never resolve)")
     dbutils = _dbutils()
     if dbutils is not None:
         for k, v in values.items():
@@ -83,3 +93,22 @@ def set_task_values(**values: Any) -> None:
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(current))
     os.replace(tmp, target)
+
+
+BUNDLE_FILE = "databricks.yml"
+# `databricks bundle deploy` syncs the bundle to <root_path>/files; every target of this bundle
+# keeps the CLI's default layout .../.bundle/<bundle name>/<target>
+_DEPLOYED_FOLDER = re.compile(r"/\.bundle/[^/]+/(?P<target>[^/]+)/files$")
+
+
+def find_bundle_root(start: str | os.PathLike | None = None) -> Path | None:
+    """The folder holding ``databricks.yml`` at or above ``start`` (default: the working directory,
+    which for a workspace notebook is the notebook's own folder)."""
+    here = Path(start or Path.cwd()).resolve()
+    return next((d for d in (here, *here.parents) if (d / BUNDLE_FILE).is_file()), None)
+
+
+def deployed_target(bundle_root: str | os.PathLike) -> str | None:
+    """The target a deployed copy of the bundle belongs to, read from its workspace path."""
+    m = _DEPLOYED_FOLDER.search(Path(bundle_root).as_posix())
+    return m.group("target") if m else None

@@ -1,0 +1,99 @@
+"""What every job step shares: its arguments, its runtime, and the shape of its result.
+
+A step is the unit a bundle task runs (``jobs/<name>.py`` notebooks on Databricks, ``lakevision
+<name>`` on the command line). It parses arguments, calls one library function and returns a
+:class:`StepResult`: the notebook publishes its task values, the CLI prints it, and both fail the
+task through :meth:`StepResult.raise_for_status` when the step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lakevision.config import load_config
+from lakevision.runtime import Runtime
+
+TASKS = ["classification", "detection", "segmentation"]
+
+
+class StepResult(Protocol):
+    def to_json(self) -> dict[str, Any]:
+        """Everything the step found, for ``--json``."""
+
+    def task_values(self) -> dict[str, Any]:
+        """What downstream tasks read as ``{{tasks.<step>.values.<key>}}``."""
+
+    def summary(self) -> list[str]:
+        """Lines for a person."""
+
+    def raise_for_status(self) -> None:
+        """Raise the step's own error when it failed, so the task fails."""
+
+
+@dataclass
+class ReportResult:
+    """A step result over the report (a dict) its library function returned."""
+
+    report: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report
+
+    def raise_for_status(self) -> None:
+        """A step that returned a report finished: a failure raised on the way."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], StepResult]
+
+
+def optional_int(text: str) -> int | None:
+    """An int, or None for an empty string: a job parameter left at its empty default."""
+    return int(text) if text.strip() else None
+
+
+def optional_str(text: str) -> str | None:
+    return text or None
+
+
+def common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None,
+                   help="deployment target from bundle/config/targets.yaml (default: $LAKEVISION_TARGET or local)")
+    p.add_argument("--root", default=None,
+                   help="local data root (tables, MLflow, staging); default $LAKEVISION_ROOT or .lakevision")
+    p.add_argument("--config", default=None, help="config directory (default: $LAKEVISION_CONFIG_DIR or ./bundle/config)")
+    p.add_argument("--profile", default=None,
+                   help="partial config laid over the files: a name in <config>/profiles or a YAML path "
+                        "(default: $LAKEVISION_PROFILE)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. training.optimization.max_epochs=3")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+def data_version_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-version", type=optional_int, default=None, help="samples table version (default: latest)")
+
+
+def task_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--task", choices=TASKS, default=None, help=help_text)
+
+
+@contextlib.contextmanager
+def job_runtime(args: argparse.Namespace) -> Iterator[Runtime]:
+    """The runtime of a step's arguments, stopped when the step ends."""
+    from lakevision.runtime import get_runtime
+
+    cfg = load_config(args.config, args.target, args.overrides, args.profile)
+    rt = get_runtime(cfg, args.root)
+    try:
+        yield rt
+    finally:
+        rt.stop()

@@ -1,0 +1,68 @@
+"""The monitor step: endpoint health, metrics from the inference table, drift, retraining."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lakevision.bundle.task_context import find_bundle_root
+from lakevision.errors import LakevisionError
+from lakevision.jobs.base import ReportResult, Step, common_arguments, job_runtime, optional_str
+from lakevision.jobs.deploy import route_line
+
+
+class EndpointUnhealthyError(LakevisionError):
+    """The monitor found the endpoint down or outside its bounds."""
+
+
+class MonitorStepResult(ReportResult):
+    def task_values(self) -> dict[str, Any]:
+        r = self.report
+        triggered = r["triggered"] or {}
+        return {"healthy": r["health"]["healthy"], "problems": r["health"]["problems"], "retrain": r["retrain"],
+                "reasons": r["reasons"], "model_version": r["model_version"],
+                "triggered": triggered.get("run_id") or triggered.get("pid")}
+
+    def summary(self) -> list[str]:
+        r = self.report
+        health = r["health"]
+        lines = [route_line(health["status"])] if health["status"] else []
+        lines += [f"  {s['served_entity_id']}: {s['requests']} requests, p50 {s.get('latency_p50_ms')} ms, "
+                  f"p99 {s.get('latency_p99_ms')} ms, error rate {s.get('error_rate')}" for s in r["stats"]]
+        lines.append("healthy" if health["healthy"] else "UNHEALTHY: " + "; ".join(health["problems"]))
+        lines.append(f"drift: {'retrain' if r['retrain'] else 'no retrain'}; " + "; ".join(r["reasons"]))
+        if r["triggered"]:
+            lines.append(f"started {r['triggered']}")
+        return lines
+
+    def raise_for_status(self) -> None:
+        # an unhealthy endpoint fails the run, so the job's failure notifications reach someone
+        health = self.report["health"]
+        if not health["healthy"]:
+            raise EndpointUnhealthyError(f"endpoint {self.report['endpoint']}: " + "; ".join(health["problems"]))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", type=optional_str, default=None, help="serving endpoint (default: deployment.endpoint_name)")
+    p.add_argument("--host", type=optional_str, default=None,
+                   help="workspace URL (default: a local workspace for --target local)")
+    p.add_argument("--retrain-job", type=optional_str, default=None,
+                   help="job to start when retraining is due: a job id on Databricks, a bundle job key here "
+                        "(default: deployment.monitoring.retrain_job)")
+    p.add_argument("--no-retrain", action="store_true", help="report a due retraining without starting it")
+    p.add_argument("--bundle", type=optional_str, default=None,
+                   help="folder with databricks.yml, for a local retraining run (default: the one above the "
+                        "working directory)")
+    common_arguments(p)
+
+
+def run(args: argparse.Namespace) -> MonitorStepResult:
+    from lakevision.monitoring.monitor import run_monitoring
+
+    bundle_dir = args.bundle or find_bundle_root() or "."
+    with job_runtime(args) as rt:
+        return MonitorStepResult(run_monitoring(rt, args.endpoint, args.host, retrain=not args.no_retrain,
+                                                retrain_job=args.retrain_job, bundle_dir=bundle_dir))
+
+
+STEP = Step("monitor", "endpoint health, metrics from the inference table, drift, retraining", add_arguments, run)
