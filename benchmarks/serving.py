@@ -97,7 +97,7 @@ def main() -> None:
 
     from lakevision.packaging.pyfunc import IMAGE_COLUMN, encode_image
     from lakevision.serving.model_server import ModelServer
-    from lakevision.serving.workspace import local_workspace_process
+    from lakevision.local.workspace.process import local_workspace_process
 
     root = DATA / f"{args.task}_{args.image_size}_{int(time.time())}"
     root.mkdir(parents=True)

@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("RUST_LOG", "warn,sail_common::actor=error")
 
 from lakevision.config import load_config  # noqa: E402
-from lakevision.runtime import Runtime, SailServer  # noqa: E402
+from lakevision.local.sail import SailServer  # noqa: E402
+from lakevision.runtime import Runtime  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "bundle" / "config"

@@ -15,7 +15,7 @@ import yaml
 
 from lakevision.bundle.loader import BundleError, load_bundle
 from lakevision.bundle.presets import domain_friendly_name, normalize_prefix, short_name
-from lakevision.bundle.validate import validate_bundle
+from lakevision.local.bundle_validate import validate_bundle
 
 from .conftest import REPO
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lakevision.bundle.loader import BundleError, load_bundle
-from lakevision.bundle.runner import (EXCLUDED, FAILED, SUCCESS, TIMED_OUT, UPSTREAM_FAILED, LocalJobRunner, compare,
+from lakevision.local.job_runner import (EXCLUDED, FAILED, SUCCESS, TIMED_OUT, UPSTREAM_FAILED, LocalJobRunner, compare,
                                       decide)
 from lakevision.bundle.task_context import TASK_TYPE_ENV, TASK_VALUES_ENV, TaskValueError, set_task_values
 

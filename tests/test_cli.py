@@ -51,7 +51,7 @@ def test_ingest_json_prints_exactly_one_object(dataset, tmp_path):
 
 def _notebook_step(name: str, widgets: dict[str, str], values: Path) -> subprocess.CompletedProcess:
     """The job notebook jobs/<name>.py as a notebook task runs it: widgets in, task values out."""
-    from lakevision.bundle.runner import _NOTEBOOK_LAUNCHER
+    from lakevision.local.job_runner import _NOTEBOOK_LAUNCHER
 
     env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"), LAKEVISION_TASK_TYPE="notebook_task",
                LAKEVISION_TASK_VALUES=str(values), **{f"LAKEVISION_WIDGET_{k.upper()}": v for k, v in widgets.items()})

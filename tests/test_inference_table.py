@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from lakevision.monitoring.endpoint_stats import MONITORING_TABLE, endpoint_stats, write_stats
 from lakevision.serving.client import workspace_client
 from lakevision.serving.inference_log import (MAX_PAYLOAD_BYTES, PAYLOAD_TOO_LARGE, InferenceLogger, inference_row)
-from lakevision.serving.workspace import LocalWorkspace
+from lakevision.local.workspace.endpoints import LocalWorkspace
 from lakevision.tracking import local_tracking_uri
 
 from .test_workspace import RECORDS, TOKEN, V1, V2, entity, name_of, registry, split  # noqa: F401

@@ -36,7 +36,8 @@ from mlflow.types import ColSpec, Schema
 from lakevision.cli import main as cli_main
 from lakevision.serving.client import workspace_client
 from lakevision.serving.endpoint_metrics import parse_endpoint_metrics
-from lakevision.serving.workspace import TOKEN_ENV, LocalWorkspace, local_workspace_process
+from lakevision.local.workspace.endpoints import LocalWorkspace
+from lakevision.local.workspace.process import TOKEN_ENV, local_workspace_process
 from lakevision.tracking import local_tracking_uri
 
 # MLflow's advice to log an input example: these test models need none

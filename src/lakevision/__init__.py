@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "COCOProcessor": "lakevision.data.processor",
-    "COCODataset": "lakevision.training.dataset",
+    "COCODataset": "lakevision.data.dataset",
     "BaseModel": "lakevision.training.module",
     "RayTrainer": "lakevision.training.ray_trainer",
     "ExperimentTracker": "lakevision.tracking",
@@ -30,7 +30,7 @@ _EXPORTS = {
     "ModelRegistry": "lakevision.registry.model_registry",
     "ModelServer": "lakevision.serving.model_server",
     "DeploymentPipeline": "lakevision.serving.pipeline",
-    "LocalWorkspace": "lakevision.serving.workspace",
+    "LocalWorkspace": "lakevision.local.workspace.endpoints",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_workspace(args: argparse.Namespace) -> int:
     from lakevision.runtime import local_root
-    from lakevision.serving.workspace import TOKEN_ENV, serve_forever
+    from lakevision.local.workspace.process import TOKEN_ENV, serve_forever
 
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
@@ -103,7 +103,7 @@ def cmd_workspace(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lakevision.bundle.commands import add_bundle_commands
+    from lakevision.local.bundle_cli import add_bundle_commands
     from lakevision.jobs.base import common_arguments
 
     parser = argparse.ArgumentParser(prog="lakevision", description=__doc__.splitlines()[0])

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from lakevision.bundle.loader import load_bundle
-from lakevision.bundle.runner import SUCCESS, JobRun, LocalJobRunner
-from lakevision.bundle.commands import print_task_progress
+from lakevision.local.job_runner import SUCCESS, JobRun, LocalJobRunner
+from lakevision.local.bundle_cli import print_task_progress
 from lakevision.runtime import local_root
 
 DEMO_JOB = "cv_pipeline"
@@ -22,7 +22,7 @@ DEMO_TARGET = "local"
 def query_endpoint(root: Path, endpoint: str, model_name: str, image: Path) -> dict[str, Any]:
     """Start the local workspace again (endpoints persist) and ask ``endpoint`` about ``image``."""
     from lakevision.serving.model_server import ModelServer
-    from lakevision.serving.workspace import local_workspace_process
+    from lakevision.local.workspace.process import local_workspace_process
 
     with local_workspace_process(root) as (url, token):
         server = ModelServer(url, token, model_name)

@@ -2,23 +2,20 @@
 
 The data code only sees a :class:`Runtime`: a SparkSession (Spark Connect locally, the cluster's
 own session on Databricks), :class:`TableRef` objects for its Delta tables, a staging folder that
-the Spark workers can read, and the MLflow URIs. Nothing else differs between the two.
+the Spark workers can read, the MLflow URIs and the workspace. Nothing else differs between the
+two, and this is the one module that chooses the local stand-ins (:mod:`lakevision.local`).
 """
 
 from __future__ import annotations
 
-import atexit
-import ctypes
+import contextlib
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lakevision.config import LakevisionConfig
 
@@ -29,10 +26,42 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = ".lakevision"
 ROOT_ENV = "LAKEVISION_ROOT"
-SAIL_MODE_ENV = "LAKEVISION_SAIL_MODE"
-SailMode = Literal["in_process", "subprocess"]
-# Chosen by benchmarks/ingest.py (image checking); see benchmarks/RESULTS.md.
-DEFAULT_SAIL_MODE: SailMode = "in_process"
+
+
+@dataclass(frozen=True)
+class LocalLayout:
+    """Where everything lives under a local data root: the one place that names these paths."""
+
+    root: Path
+
+    def table(self, schema: str, name: str) -> Path:
+        return (self.root / "tables" / schema / name).resolve()
+
+    @property
+    def mlflow_db(self) -> Path:
+        return (self.root / "mlflow.db").resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow's tracking and registry store: a sqlite file (the plain file store is retired)."""
+        return f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def artifacts(self) -> Path:
+        return (self.root / "mlruns").resolve()
+
+    def storage(self, folder: str) -> Path:
+        """A folder the Spark workers and Ray workers share (staging, checkpoints, sample data)."""
+        return (self.root / folder).resolve()
+
+    def job_runs(self, job: str) -> Path:
+        """The local runner's runs of bundle job ``job``: one folder each, with logs and run.json."""
+        return (self.root / "runs" / job).resolve()
+
+    @property
+    def endpoint_records(self) -> Path:
+        """The local workspace's serving endpoints, one JSON record each."""
+        return (self.root / "workspace" / "endpoints").resolve()
 
 
 @dataclass(frozen=True)
@@ -53,79 +82,6 @@ class TableRef:
         return self.path or str(self.full_name)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen | None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"Sail server exited with code {proc.returncode} before opening port {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"Sail server did not open 127.0.0.1:{port} within {timeout:.0f} s")
-
-
-def _die_with_parent() -> None:
-    # A SIGKILLed job must not leave its Sail server behind (Linux only; elsewhere atexit covers it).
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class SailServer:
-    """A Sail Spark Connect server on a free 127.0.0.1 port, in this process or a child process."""
-
-    def __init__(self, mode: SailMode = DEFAULT_SAIL_MODE):
-        if mode not in ("in_process", "subprocess"):
-            raise ValueError(f"{SAIL_MODE_ENV}: unknown Sail mode {mode!r}; use in_process or subprocess")
-        self.mode = mode
-        self.port: int | None = None
-        self._server = None
-        self._proc: subprocess.Popen | None = None
-
-    def start(self) -> SailServer:
-        if self.mode == "in_process":
-            from pysail.spark import SparkConnectServer
-
-            self._server = SparkConnectServer(ip="127.0.0.1", port=0)
-            self._server.start(background=True)
-            self.port = self._server.listening_address[1]
-        else:
-            self.port = _free_port()
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pysail", "spark", "server", "--ip", "127.0.0.1", "--port", str(self.port)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )
-            _wait_for_port(self.port, self._proc)
-        atexit.register(self.stop)
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"sc://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-            self._proc = None
-
-
 @dataclass
 class Runtime:
     """The place a job runs; build it with :func:`get_runtime`."""
@@ -134,19 +90,25 @@ class Runtime:
     spark: SparkSession
     kind: Literal["local", "databricks"]
     root: Path | None = None  # local only
-    _sail: SailServer | None = field(default=None, repr=False)
+    _sail: Any = field(default=None, repr=False)  # the local Sail server this runtime started
 
     # ------------------------------------------------------------------ tables
+    @property
+    def layout(self) -> LocalLayout:
+        if self.root is None:
+            raise RuntimeError("a Databricks runtime has no local layout")
+        return LocalLayout(self.root)
+
     def table(self, name: str) -> TableRef:
         t = self.config.target
         if self.kind == "local":
-            return TableRef(name, path=str((self.root / "tables" / t.schema_ / name).resolve()))
+            return TableRef(name, path=str(self.layout.table(t.schema_, name)))
         return TableRef(name, full_name=f"{t.catalog}.{t.schema_}.{name}")
 
     def storage(self, folder: str) -> Path:
         """A folder every node can reach: under the root locally, on the UC Volume on Databricks."""
         if self.kind == "local":
-            return (self.root / folder).resolve()
+            return self.layout.storage(folder)
         t = self.config.target
         return Path(f"/Volumes/{t.catalog}/{t.schema_}/{t.volume}/{folder}")
 
@@ -167,17 +129,23 @@ class Runtime:
     # ------------------------------------------------------------------ MLflow
     @property
     def tracking_uri(self) -> str:
-        if self.kind == "local":
-            return f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
-        return "databricks"
+        return self.layout.tracking_uri if self.kind == "local" else "databricks"
 
     @property
     def registry_uri(self) -> str:
         return self.tracking_uri if self.kind == "local" else "databricks-uc"
 
-    @property
-    def artifact_root(self) -> str | None:
-        return str((self.root / "mlruns").resolve()) if self.kind == "local" else None
+    # ------------------------------------------------------------------ the workspace
+    @contextlib.contextmanager
+    def local_workspace(self) -> Iterator[tuple[str, str]]:
+        """``(url, token)`` of a local workspace process over this root's registry and endpoint
+        records, for the block: the stand-in for the workspace a Databricks job talks to."""
+        from lakevision.local.workspace.process import local_workspace_process
+
+        if self.kind != "local":
+            raise RuntimeError("a Databricks runtime talks to its own workspace")
+        with local_workspace_process(self.root) as (url, token):
+            yield url, token
 
     def stop(self) -> None:
         if self._sail is not None:
@@ -198,6 +166,8 @@ def get_runtime(config: LakevisionConfig, root: str | os.PathLike | None = None)
     if config.target.runtime == "databricks":
         spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
         return Runtime(config=config, spark=spark, kind="databricks")
+
+    from lakevision.local.sail import DEFAULT_SAIL_MODE, SAIL_MODE_ENV, SailServer
 
     root_path = local_root(root)
     root_path.mkdir(parents=True, exist_ok=True)

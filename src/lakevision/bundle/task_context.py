@@ -2,7 +2,7 @@
 
 On Databricks these are ``dbutils.widgets`` and ``dbutils.jobs.taskValues``. Task values exist
 only in notebook tasks: elsewhere ``dbutils.jobs.taskValues.set`` does nothing, and downstream
-references to them never resolve. Under the local job runner (:mod:`lakevision.bundle.runner`) a
+references to them never resolve. Under the local job runner (:mod:`lakevision.local.job_runner`) a
 task is a child process: widgets arrive as ``LAKEVISION_WIDGET_<NAME>`` environment variables,
 a notebook task's values go to the JSON file named by ``LAKEVISION_TASK_VALUES``, and any other
 task type (``LAKEVISION_TASK_TYPE``) that sets a value fails, as a green run here must mean a

@@ -89,11 +89,9 @@ def workspace_connection(rt: Runtime, host: str | None = None) -> Iterator[tuple
     """``(host, token)`` of the workspace a job talks to. Locally, with no ``host``, a local
     workspace process over the root's registry and endpoint records serves for the block; on
     Databricks the host and token come from the config, the environment or a secret scope."""
-    from lakevision.serving.workspace import local_workspace_process
-
-    ws = rt.config.deployment.deployment.workspace
+    ws = rt.config.deployment.workspace
     if rt.kind == "local" and host is None:
-        with local_workspace_process(rt.root) as (url, token):
+        with rt.local_workspace() as (url, token):
             yield url, token
         return
     yield host or ws.host, resolve_token(None, ws.secret_scope, ws.secret_key)

@@ -1,6 +1,6 @@
 """ModelServer: a Model Serving endpoint for a registered model version, through the Databricks SDK.
 
-The same calls drive a real workspace and the local one (:mod:`lakevision.serving.workspace`);
+The same calls drive a real workspace and the local one (:mod:`lakevision.local.workspace`);
 only host and token differ. Every update waits until the endpoint has finished applying it and
 raises :class:`DeploymentError` with the served entity's own message when it failed.
 """

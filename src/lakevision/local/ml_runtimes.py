@@ -72,7 +72,7 @@ def check_cluster(cluster: dict) -> list[tuple[str, str]]:
     if runtime is None:
         known = ", ".join(sorted(table.runtimes))
         return [("spark_version", f"{key!r} is not a supported Databricks ML runtime; supported: {known} "
-                                  f"(src/lakevision/bundle/ml_runtimes.yaml)")]
+                                  f"(src/lakevision/local/ml_runtimes.yaml)")]
     problems = [("spark_version", m) for m in table.missing(runtime)]
     for field in ("node_type_id", "driver_node_type_id"):
         node = str(cluster.get(field) or "")

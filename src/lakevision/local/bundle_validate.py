@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lakevision.bundle.loader import Bundle, Problem
-from lakevision.bundle.runtimes import check_cluster
+from lakevision.local.ml_runtimes import check_cluster
 from lakevision.bundle.task_context import NOTEBOOK_TASK
 
 DYNAMIC_REF = re.compile(r"\{\{\s*([\w.-]+)\s*\}\}")

@@ -28,7 +28,7 @@ from typing import Any
 
 from lakevision.bundle.loader import Bundle, BundleError, Problem
 from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VALUES_ENV, widget_env
-from lakevision.bundle.validate import DYNAMIC_REF, notebook_file, validate_bundle
+from lakevision.local.bundle_validate import DYNAMIC_REF, notebook_file, validate_bundle
 from lakevision.errors import LakevisionError
 from lakevision.runtime import ROOT_ENV
 

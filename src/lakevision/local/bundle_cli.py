@@ -10,13 +10,13 @@ from lakevision.bundle.loader import Bundle, BundleError, load_bundle
 
 
 def _load(args: argparse.Namespace, local_files: bool = False) -> Bundle:
-    from lakevision.bundle.runner import parse_params
+    from lakevision.local.job_runner import parse_params
 
     return load_bundle(args.bundle, args.target, parse_params(args.var, "--var"), local_files=local_files)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lakevision.bundle.validate import validate_bundle
+    from lakevision.local.bundle_validate import validate_bundle
 
     bundle = _load(args)
     problems = validate_bundle(bundle)
@@ -93,7 +93,7 @@ def print_task_progress(event: str, task, i: int, n: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lakevision.bundle.runner import SUCCESS, LocalJobRunner, parse_params
+    from lakevision.local.job_runner import SUCCESS, LocalJobRunner, parse_params
     from lakevision.runtime import local_root
 
     bundle = _load(args, local_files=True)

@@ -1,0 +1,454 @@
+"""LocalWorkspace: the Model Serving part of the Databricks workspace REST API, served on
+127.0.0.1 so that the real ``databricks-sdk`` ``WorkspaceClient`` drives it unchanged.
+
+Models come from an MLflow registry (``models:/<name>/<version>``, a sqlite store by default) and
+answer through MLflow's own scoring function, so parsing, schema enforcement and the 400 messages
+are those of ``mlflow models serve`` and of a Databricks custom-model endpoint.
+
+What it keeps from Databricks, because deployment code depends on it:
+
+* the life cycle the SDK's ``*_and_wait`` methods poll: a config loads in the background
+  (``config_update: IN_PROGRESS``), the old config serves every request until the new one has
+  loaded and is swapped in at once, and a config that fails to load ends in ``UPDATE_FAILED``
+  with the old one still serving;
+* traffic split by percentage between served entities, and the ``served-model-name`` header;
+* the error shape ``{"error_code", "message"}`` with Databricks' codes, which the SDK turns into
+  ``NotFound``, ``InvalidParameterValue``, ``ResourceConflict``...;
+* the per-entity health metrics of the last minute in Prometheus format.
+
+One local extension: ``state.config_update_message`` says why a config failed or was dropped
+(Databricks shows that in its UI); the SDK ignores it.
+
+The MLflow tracking and registry URIs are process-wide in MLflow, so one process holds one
+workspace's registry; :func:`~lakevision.local.workspace.process.local_workspace_process` runs a
+workspace in a process of its own. This module holds the endpoints' state machine and their
+persistence; the REST shapes are in :mod:`.api`, the HTTP app in :mod:`.app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from lakevision.local.workspace.api import (CREATOR, IN_PROGRESS, NOT_READY, NOT_UPDATING, READY, UPDATE_FAILED,
+                                            ApiError, LocalWorkspaceError, check_name, detailed, invalid, entity_state, model_uri,
+                                            new_config, no_endpoint, now_ms, parse_ai_gateway, parse_config,
+                                            parse_tags, summary)
+from lakevision.local.workspace.app import build_app
+from lakevision.local.workspace.serving import Endpoint, LoadedModel, ModelCache, Serving, load_model
+from lakevision.serving.endpoint_metrics import RequestStats, RequestWindow, render_endpoint_metrics
+from lakevision.serving.inference_log import InferenceLogger, inference_row, payload_table_name
+from lakevision.tracking import local_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+class LocalWorkspace:
+    """Serving endpoints of a local workspace, persisted under ``<root>/workspace/endpoints``."""
+
+    def __init__(self, root: str | os.PathLike, token: str, tracking_uri: str | None = None,
+                 seed: int | None = None):
+        if not token:
+            raise LocalWorkspaceError("a local workspace needs a token: every API call must present it")
+        import mlflow
+
+        self.root = Path(root).resolve()
+        self.tracking_uri = tracking_uri or local_tracking_uri(self.root)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        self.url: str | None = None
+        self._records_dir = self.root / "workspace" / "endpoints"
+        self._records_dir.mkdir(parents=True, exist_ok=True)
+        self._token = token.encode()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()  # guards _endpoints, every record and _closed
+        self._endpoints: dict[str, Endpoint] = {}
+        self._closed = False
+        self._models = ModelCache(load_model)
+        self._window = RequestWindow()
+        self._loggers: dict[Path, InferenceLogger] = {}
+        # who sent a request, without the token itself
+        self._requester = "token-sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        self._server: Any = None  # uvicorn.Server
+        self._thread: threading.Thread | None = None
+        self._app = build_app(self, self._token)
+        self._restore()
+
+    @property
+    def app(self) -> FastAPI:
+        return self._app
+
+    # -- server
+
+    def start(self, port: int = 0) -> str:
+        """Serve on 127.0.0.1:``port`` (0: any free port) from a background thread; the URL once listening."""
+        import uvicorn
+
+        if self._server is not None:
+            raise LocalWorkspaceError(f"the local workspace already listens on {self.url}")
+        if self._closed:
+            raise LocalWorkspaceError(f"a stopped workspace does not start again; open a new one on {self.root}")
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+        # without it every response waits ~40 ms for a delayed ACK
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            raise LocalWorkspaceError(f"the local workspace cannot listen on 127.0.0.1:{port}: {exc}") from None
+        # binding here, not in uvicorn, gives the port before serving starts, even for port 0
+        server = uvicorn.Server(uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off",
+                                               timeout_graceful_shutdown=5))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lakevision-workspace",
+                                  daemon=True)
+        thread.start()
+        while not server.started:
+            if not thread.is_alive():
+                raise LocalWorkspaceError(f"the local workspace server on 127.0.0.1:{port} stopped while starting")
+            time.sleep(0.01)
+        self._server, self._thread = server, thread
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        log.info("local workspace listening on %s (root %s)", self.url, self.root)
+        return self.url
+
+    def stop(self) -> None:
+        """Stop for good: serving ends, loads still running finish unseen, no record is written after this."""
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            self._server = self._thread = None
+        with self._lock:
+            self._closed = True
+            loggers = list(self._loggers.values())
+        for logger in loggers:  # after the server: every answered request is queued by now
+            logger.close()
+        self._models.shutdown()
+
+    def __enter__(self) -> LocalWorkspace:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- records
+
+    def _record_path(self, name: str) -> Path:
+        return self._records_dir / f"{name}.json"
+
+    def _save(self, record: Mapping[str, Any]) -> None:
+        """Write one endpoint's record atomically: a crash leaves the old file or the new one."""
+        fd, tmp = tempfile.mkstemp(dir=self._records_dir, prefix=f".{record['name']}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True)
+            os.replace(tmp, self._record_path(record["name"]))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _restore(self) -> None:
+        """Endpoints of an earlier run: configs that served reload in the background; a config
+        that was still loading is dropped, since its load died with the old process."""
+        for path in sorted(self._records_dir.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise LocalWorkspaceError(f"endpoint record {path} cannot be read: {exc}") from None
+            state = record["state"]
+            pending = record.get("pending_config")
+            if pending is not None and state["config_update"] == IN_PROGRESS:
+                del record["pending_config"]
+                state["config_update"] = UPDATE_FAILED
+                state["config_update_message"] = (
+                    f"config version {pending['config_version']} was interrupted by a restart")
+            state["ready"] = NOT_READY
+            config = record.get("config")
+            if config is not None:
+                for entity in config["served_entities"]:
+                    entity["state"] = entity_state("DEPLOYMENT_RECOVERING",
+                                                    f"reloading {model_uri(entity)} after a restart")
+            self._endpoints[record["name"]] = Endpoint(record)
+            self._save(record)
+            if config is not None:
+                self._start_loading(record, "config")
+
+    def _get(self, name: str) -> Endpoint:
+        endpoint = self._endpoints.get(name)
+        if endpoint is None:
+            raise no_endpoint(name)
+        return endpoint
+
+    def _model_keys(self) -> set[tuple[str, str]]:
+        return {(e["entity_name"], e["entity_version"])
+                for ep in self._endpoints.values()
+                for key in ("config", "pending_config") if key in ep.record
+                for e in ep.record[key]["served_entities"]}
+
+    # -- control plane
+
+    def create(self, body: dict) -> dict:
+        name = check_name(body.get("name"), "endpoint name")
+        if not isinstance(body.get("config"), dict):
+            raise invalid(f"endpoint {name}: config with served_entities is required")
+        config = parse_config(name, body["config"], "config.")
+        now = now_ms()
+        record = {
+            "name": name, "id": uuid.uuid4().hex, "creator": CREATOR, "creation_timestamp": now,
+            "last_updated_timestamp": now, "state": {"ready": NOT_READY, "config_update": IN_PROGRESS},
+            "pending_config": new_config(config, 1, now), "tags": parse_tags(name, body.get("tags")),
+            "permission_level": "CAN_MANAGE", "route_optimized": False, "task": None,
+        }
+        if isinstance(body.get("description"), str):
+            record["description"] = body["description"]
+        if body.get("ai_gateway") is not None:
+            record["ai_gateway"] = parse_ai_gateway(name, body["ai_gateway"])
+        with self._lock:
+            if name in self._endpoints:
+                raise ApiError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint {name!r} already exists")
+            self._endpoints[name] = Endpoint(record)
+            self._save(record)
+            self._start_loading(record, "pending_config")
+            return detailed(record)
+
+    def update_config(self, name: str, body: dict) -> dict:
+        config = parse_config(name, body)
+        now = now_ms()
+        with self._lock:
+            endpoint = self._get(name)
+            record = endpoint.record
+            if record["state"]["config_update"] == IN_PROGRESS:
+                raise ApiError(409, "RESOURCE_CONFLICT",
+                               f"serving endpoint {name!r} is already updating to config version "
+                               f"{record['pending_config']['config_version']}; update it when that has finished")
+            # an endpoint whose first config was interrupted by a restart has neither
+            version = 1 + max((record[k]["config_version"] for k in ("config", "pending_config") if k in record),
+                              default=0)
+            record["pending_config"] = new_config(config, version, now)
+            record["state"] = {"ready": READY if endpoint.serving else NOT_READY, "config_update": IN_PROGRESS}
+            record["last_updated_timestamp"] = now
+            self._save(record)
+            self._start_loading(record, "pending_config")
+            return detailed(record)
+
+    def put_ai_gateway(self, name: str, body: dict) -> dict:
+        gateway = parse_ai_gateway(name, body)
+        with self._lock:
+            record = self._get(name).record
+            record["ai_gateway"] = gateway
+            record["last_updated_timestamp"] = now_ms()
+            self._save(record)
+        return gateway
+
+    def wait_restored(self, timeout: float = 120) -> None:
+        """Block until the endpoints restored from records have reloaded their models (or failed
+        to): a job that starts a workspace judges endpoints, not a process still warming up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                recovering = sorted(name for name, ep in self._endpoints.items() if any(
+                    e["state"]["deployment"] == "DEPLOYMENT_RECOVERING"
+                    for e in ep.record.get("config", {}).get("served_entities", [])))
+            if not recovering:
+                return
+            if time.monotonic() > deadline:
+                raise LocalWorkspaceError(f"endpoints {recovering} did not reload within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def flush_inference_tables(self) -> int:
+        """Write every queued inference row now (they are written every second anyway)."""
+        with self._lock:
+            loggers = list(self._loggers.values())
+        return sum(logger.flush() for logger in loggers)
+
+    def _inference_logger(self, record: Mapping[str, Any]) -> InferenceLogger | None:
+        """The logger of the endpoint's inference table; None when it has none enabled."""
+        table = (record.get("ai_gateway") or {}).get("inference_table_config") or {}
+        if not table.get("enabled"):
+            return None
+        path = self.root / "tables" / table["schema_name"] / payload_table_name(table["table_name_prefix"])
+        with self._lock:
+            if path not in self._loggers:
+                self._loggers[path] = InferenceLogger(path)
+            return self._loggers[path]
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self._get(name)
+            del self._endpoints[name]
+            self._record_path(name).unlink(missing_ok=True)
+            self._models.retain(self._model_keys())
+        self._window.forget(name)
+
+    def detail(self, name: str) -> dict:
+        with self._lock:
+            return detailed(self._get(name).record)
+
+    def list_endpoints(self) -> list[dict]:
+        with self._lock:
+            return [summary(ep.record) for _, ep in sorted(self._endpoints.items())]
+
+    # -- loading configs
+
+    def _start_loading(self, record: Mapping[str, Any], which: str) -> None:
+        """Load the models of ``record[which]`` (``config`` or ``pending_config``) in the background."""
+        version = record[which]["config_version"]
+        threading.Thread(target=self._load_config, args=(record["name"], record["id"], which, version),
+                         name=f"lakevision-deploy-{record['name']}-v{version}", daemon=True).start()
+
+    def _still_current(self, name: str, endpoint_id: str, which: str, version: int) -> Endpoint | None:
+        """The endpoint, unless it was deleted (or recreated) or the config was replaced meanwhile."""
+        endpoint = self._endpoints.get(name)
+        if self._closed or endpoint is None or endpoint.record["id"] != endpoint_id:
+            return None
+        config = endpoint.record.get(which)
+        return endpoint if config is not None and config["config_version"] == version else None
+
+    def _load_config(self, name: str, endpoint_id: str, which: str, version: int) -> None:
+        with self._lock:
+            endpoint = self._still_current(name, endpoint_id, which, version)
+            if endpoint is None:
+                return
+            entities = copy.deepcopy(endpoint.record[which]["served_entities"])
+        # every load is asked for before waiting on any, so the entities of a config load side by side
+        futures = {e["name"]: self._models.get((e["entity_name"], e["entity_version"])) for e in entities}
+        loaded: dict[str, LoadedModel] = {}
+        errors: dict[str, str] = {}
+        for entity in entities:
+            try:
+                loaded[entity["name"]] = futures[entity["name"]].result()
+            except Exception as exc:  # whatever the model raises is the deployment's failure, shown in its state
+                errors[entity["name"]] = f"loading {model_uri(entity)} failed: {type(exc).__name__}: {exc}"
+        with self._lock:
+            endpoint = self._still_current(name, endpoint_id, which, version)
+            if endpoint is None:
+                return
+            if which == "pending_config":
+                self._finish_update(endpoint, loaded, errors)
+            else:
+                self._finish_recovery(endpoint, loaded, errors)
+            endpoint.record["last_updated_timestamp"] = now_ms()
+            self._save(endpoint.record)
+            self._models.retain(self._model_keys())
+
+    @staticmethod
+    def _mark_entities(config: dict, errors: Mapping[str, str]) -> None:
+        for entity in config["served_entities"]:
+            failed = errors.get(entity["name"])
+            entity["state"] = (entity_state("DEPLOYMENT_FAILED", failed) if failed
+                               else entity_state("DEPLOYMENT_READY", f"serving {model_uri(entity)}"))
+
+    def _finish_update(self, endpoint: Endpoint, loaded: Mapping[str, LoadedModel],
+                       errors: Mapping[str, str]) -> None:
+        record = endpoint.record
+        pending = record["pending_config"]
+        self._mark_entities(pending, errors)
+        version = pending["config_version"]
+        if not errors:
+            config = {k: v for k, v in pending.items() if k != "start_time"}
+            endpoint.serving = Serving.of(config, loaded)
+            record["config"] = config
+            del record["pending_config"]
+            record["state"] = {"ready": READY, "config_update": NOT_UPDATING}
+            log.info("endpoint %s serves config version %d", record["name"], version)
+            return
+        message = f"config version {version} failed: " + "; ".join(f"{n}: {m}" for n, m in errors.items())
+        if "config" in record:
+            # an update: the old config keeps serving; the failed one is dropped, its reasons kept in the message
+            message += f"; config version {record['config']['config_version']} keeps serving"
+            del record["pending_config"]
+        record["state"] = {"ready": READY if endpoint.serving else NOT_READY, "config_update": UPDATE_FAILED,
+                           "config_update_message": message}
+        log.warning("endpoint %s: %s", record["name"], message)
+
+    def _finish_recovery(self, endpoint: Endpoint, loaded: Mapping[str, LoadedModel],
+                         errors: Mapping[str, str]) -> None:
+        config = endpoint.record["config"]
+        self._mark_entities(config, errors)
+        if not errors:
+            endpoint.serving = Serving.of(config, loaded)
+            endpoint.record["state"]["ready"] = READY
+        else:
+            log.warning("endpoint %s cannot reload config version %d: %s", endpoint.record["name"],
+                        config["config_version"], "; ".join(errors.values()))
+
+    # -- data plane
+
+    def _not_ready(self, name: str) -> ApiError:
+        with self._lock:
+            record = self._get(name).record
+            state = record["state"]
+            if "config" in record:
+                failed = [e["state"]["deployment_state_message"] for e in record["config"]["served_entities"]
+                          if e["state"]["deployment"] == "DEPLOYMENT_FAILED"]
+                reason = "; ".join(failed) if failed else "its models are reloading after a restart"
+            elif state["config_update"] == IN_PROGRESS:
+                reason = f"config version {record['pending_config']['config_version']} is still loading"
+            else:
+                reason = state.get("config_update_message", "no config has loaded")
+        return ApiError(503, "TEMPORARILY_UNAVAILABLE", f"serving endpoint {name!r} is not ready: {reason}",
+                        headers={"Retry-After": "1"})
+
+    async def invoke(self, name: str, request: Request) -> Response:
+        from mlflow.exceptions import MlflowException
+        from mlflow.pyfunc.scoring_server import invocations
+
+        endpoint = self._get(name)
+        serving = endpoint.serving
+        if serving is None:
+            raise self._not_ready(name)
+        entity = serving.pick(self._rng)
+        started = time.perf_counter()
+        model = serving.models[entity]
+        data = await request.body()
+        content_type = request.headers.get("content-type", "application/json")
+        try:
+            # the same call and the same thread hop as `mlflow models serve`
+            result = await asyncio.to_thread(invocations, data, content_type, model.model, model.input_schema)
+            response = Response(result.response, result.status, media_type=result.mimetype)
+        except MlflowException as exc:
+            response = Response(exc.serialize_as_json(), exc.get_http_status_code(), media_type="application/json")
+        except Exception as exc:  # a model bug is that request's 500, counted in the metrics, not a dead server
+            log.exception("endpoint %s, served entity %s: prediction failed", name, entity)
+            response = ApiError(500, "INTERNAL_ERROR",
+                                f"serving endpoint {name!r}, served entity {entity!r}: {type(exc).__name__}: {exc}"
+                                ).response()
+        took_ms = (time.perf_counter() - started) * 1000
+        self._window.record(name, entity, response.status_code, took_ms)
+        logger = self._inference_logger(endpoint.record)
+        if logger is not None:
+            served = next(e for e in endpoint.record["config"]["served_entities"] if e["name"] == entity)
+            logger.log(inference_row(name, entity, served["entity_name"], served["entity_version"],
+                                     response.status_code, took_ms, data, bytes(response.body), self._requester))
+        response.headers["served-model-name"] = entity
+        return response
+
+    def metrics(self, name: str) -> bytes:
+        with self._lock:
+            record = self._get(name).record
+            entities = [e["name"] for e in record["config"]["served_entities"]] if "config" in record else []
+        totals = self._window.totals(name)
+        for entity in entities:  # an idle entity reports zeros rather than vanishing
+            totals.setdefault(entity, RequestStats())
+        return render_endpoint_metrics(name, totals)
+
+    # -- HTTP

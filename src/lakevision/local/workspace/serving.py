@@ -1,0 +1,103 @@
+"""What an endpoint serves: registered model versions loaded once and shared, and the traffic split
+between its served entities."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+class LoadedModel(NamedTuple):
+    model: Any  # mlflow.pyfunc.PyFuncModel
+    input_schema: Any  # mlflow.types.Schema | None
+
+
+class ImageBuildError(RuntimeError):
+    """A model whose serving container could not be built."""
+
+
+def check_installable(requirements: list[str]) -> None:
+    """Model Serving builds a container from the model's requirements.txt with pip: a pin to a
+    local version (``torch==2.7.0+cu126``) is served by no package index, and the build fails."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for line in requirements:
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as exc:
+            raise ImageBuildError(f"requirements.txt: {line!r} is not a requirement: {exc}") from None
+        for spec in req.specifier:
+            if "+" in spec.version:
+                raise ImageBuildError(f"building the serving image failed: requirements.txt pins {line}, a local "
+                                      "version that no package index serves")
+
+
+def load_model(entity_name: str, entity_version: str) -> LoadedModel:
+    import mlflow.pyfunc
+
+    uri = f"models:/{entity_name}/{entity_version}"
+    check_installable(Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().splitlines())
+    model = mlflow.pyfunc.load_model(uri)
+    return LoadedModel(model, model.metadata.get_input_schema())
+
+
+class ModelCache:
+    """Models by (name, version), loaded once in the background and shared by every endpoint and
+    config that serves them: a new traffic split, or a rollback from a canary to the version
+    serving beside it, loads nothing. A model no config serves any more is dropped."""
+
+    def __init__(self, load: Callable[[str, str], LoadedModel], workers: int = 2):
+        self._load = load
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lakevision-model-load")
+        self._lock = threading.Lock()
+        self._futures: dict[tuple[str, str], Future] = {}
+
+    def get(self, key: tuple[str, str]) -> Future:
+        with self._lock:
+            future = self._futures.get(key)
+            # a failed load is tried again: the version may have been registered or fixed since
+            if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
+                future = self._pool.submit(self._load, *key)
+                self._futures[key] = future
+            return future
+
+    def retain(self, keys: set[tuple[str, str]]) -> None:
+        """Forget the models no config serves any more, so memory follows the live configs."""
+        with self._lock:
+            for key in [k for k in self._futures if k not in keys]:
+                del self._futures[key]
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A loaded config; replaced as a whole, so a request sees one config from start to end."""
+
+    config_version: int
+    names: tuple[str, ...]
+    weights: tuple[int, ...]
+    models: Mapping[str, LoadedModel]
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], models: Mapping[str, LoadedModel]) -> Serving:
+        routes = config["traffic_config"]["routes"]
+        return cls(config["config_version"], tuple(r["served_entity_name"] for r in routes),
+                   tuple(r["traffic_percentage"] for r in routes), dict(models))
+
+    def pick(self, rng: random.Random) -> str:
+        return rng.choices(self.names, self.weights)[0]
+
+
+class Endpoint:
+    def __init__(self, record: dict):
+        self.record = record  # what GET answers and what is persisted
+        self.serving: Serving | None = None
