@@ -75,7 +75,7 @@ def baseline_annotations(annotation_file: str, out: Path) -> float:
 
 def ours_annotations(rt, annotation_file: str, out: Path) -> float:
     t = time.perf_counter()
-    proc = COCOProcessor(rt.spark, rt.config.data.data_processing, staging_dir=out / "staging")
+    proc = COCOProcessor(rt.spark, rt.config.data, staging_dir=out / "staging")
     proc.load_coco_annotations(annotation_file)
     for name in ("images", "annotations", "categories"):
         proc.save_to_delta(getattr(proc, name), str(out / name))
@@ -117,7 +117,7 @@ def pil_loop(image_dir: str, names: list[str]) -> float:
 
 
 def ours_check(rt, info) -> float:
-    proc = COCOProcessor(rt.spark, rt.config.data.data_processing, staging_dir=rt.staging_dir)
+    proc = COCOProcessor(rt.spark, rt.config.data, staging_dir=rt.staging_dir)
     proc.load_coco_annotations(info["annotation_file"])
     t = time.perf_counter()
     n = proc.check_images(info["image_dir"]).count()

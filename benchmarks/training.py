@@ -53,7 +53,8 @@ def _decode_resize(path: str, size: int = 320) -> np.ndarray:
 def bench_loading(n: int, workers: int, size: int = 320) -> None:
     from torch.utils.data import DataLoader
 
-    from lakevision.training.dataset import COCODataset, build_transform, worker_collate_fn
+    from lakevision.data.dataset import COCODataset, worker_collate_fn
+    from lakevision.data.transforms import build_transform
 
     _, paths, records = _dataset(n, (320, 640))
     ds = COCODataset(paths, records, build_transform("detection", size, train=False), "detection")
@@ -80,7 +81,8 @@ def bench_throughput(steps: int) -> None:
     from torch.utils.data import DataLoader
 
     from lakevision.config import ModelSettings
-    from lakevision.training.dataset import COCODataset, build_transform, collate_fn
+    from lakevision.data.dataset import COCODataset, collate_fn
+    from lakevision.data.transforms import build_transform
     from lakevision.training.models import build_model
     from lakevision.training.module import BaseModel
 

@@ -76,7 +76,7 @@ delta.read_table(rt.spark, rt.table("ingest_runs")) \
 # COMMAND ----------
 
 from lakevision.evaluation.evaluate import ground_truth, image_grid
-from lakevision.training.dataset import load_split
+from lakevision.data.samples import load_split
 
 split = widget("split", "train")
 records = load_split(rt, split)

@@ -51,11 +51,11 @@ import pandas as pd
 
 from lakevision.bundle.task_context import set_task_values
 
-print(f"MLflow run {result['run_id']}\nmodel {result['model_uri']}")
-print(f"{result['task']} / {result['architecture']} on {result['data_table']} version {result['data_version']}")
-print(f"best {result['best_metric']['name']} = {result['best_metric']['value']}")
-print(pd.Series(result["metrics"], name="last epoch").round(4).to_string())
-set_task_values(run_id=result["run_id"], model_uri=result["model_uri"])
+print(f"MLflow run {result.run_id}\nmodel {result.model_uri}")
+print(f"{result.task} / {result.architecture} on {result.data_table} version {result.data_version}")
+print(f"best {result.best_metric['name']} = {result.best_metric['value']}")
+print(pd.Series(result.metrics, name="last epoch").round(4).to_string())
+set_task_values(run_id=result.run_id, model_uri=result.model_uri)
 
 # COMMAND ----------
 

@@ -34,10 +34,12 @@ rt = get_runtime(cfg, widget("root") or None)  # empty: $LAKEVISION_ROOT or .lak
 
 # COMMAND ----------
 
-from lakevision.training.train import best_training_run
+from lakevision.tasks import configured_kind
+from lakevision.tracking import best_training_run, mlflow_client
 
-task = widget("task") or cfg.training.training.task
-model_uri = widget("model_uri") or best_training_run(rt, task)["model_uri"]
+task, kind = configured_kind(cfg.training, widget("task") or None)
+best = best_training_run(mlflow_client(rt.tracking_uri), rt.experiment_name, task, kind)
+model_uri = widget("model_uri") or best["model_uri"]
 print(f"model {model_uri}")
 
 # COMMAND ----------
@@ -55,11 +57,10 @@ from lakevision.evaluation.evaluate import run_evaluation
 
 data_version = widget("data_version")
 result = run_evaluation(rt, model_uri, widget("task") or None, int(data_version) if data_version else None)
-print(f"{result['task']} model on {result['images']} test images (data version {result['data_version']}), "
-      f"logged to MLflow run {result['run_id']}")
-print(pd.Series(result["metrics"], name="test").round(4).to_string())
-print(f"per-image predictions: {result['predictions_table']['location']} "
-      f"version {result['predictions_table']['version']}")
+print(f"{result.task} model on {result.images} test images (data version {result.data_version}), "
+      f"logged to MLflow run {result.run_id}")
+print(pd.Series(result.metrics, name="test").round(4).to_string())
+print(f"per-image predictions: {result.predictions_table['location']} version {result.predictions_table['version']}")
 
 # COMMAND ----------
 

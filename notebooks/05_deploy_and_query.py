@@ -77,7 +77,7 @@ import pandas as pd
 from lakevision.packaging.pyfunc import encode_image
 from lakevision.serving.client import workspace_connection
 from lakevision.serving.model_server import ModelServer
-from lakevision.training.dataset import load_split
+from lakevision.data.samples import load_split
 
 image_path = widget("image") or load_split(rt, "test").image_paths[0]
 with workspace_connection(rt) as (url, token):

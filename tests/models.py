@@ -11,7 +11,7 @@ import torch
 
 from lakevision.packaging.pyfunc import ServingSpec, log_image_model
 from lakevision.tracking import ExperimentTracker
-from lakevision.training.dataset import SplitRecords, load_split
+from lakevision.data.samples import SplitRecords, load_split
 from lakevision.training.models import build_model
 from lakevision.training.train import MODEL_URI_TAG, REFERENCE_PROFILE_ARTIFACT, TASK_TAG, reference_profile
 

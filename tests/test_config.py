@@ -20,16 +20,16 @@ def _copy_config(tmp_path: Path) -> Path:
 
 def test_repo_config_has_api_reference_values():
     cfg = load_config(CONFIG_DIR, "local")
-    dp = cfg.data.data_processing
+    dp = cfg.data
     assert (dp.batch_size, dp.num_workers) == (32, 4)
     assert (dp.validation.min_image_size, dp.validation.max_image_size) == (100, 2000)
-    assert cfg.training.training.model.learning_rate == pytest.approx(1e-4)
-    assert cfg.training.training.model.weight_decay == pytest.approx(1e-5)
-    assert cfg.training.training.distributed.num_workers == 4
-    assert cfg.training.training.distributed.use_gpu is True
-    ep = cfg.deployment.deployment.endpoint
+    assert cfg.training.model.learning_rate == pytest.approx(1e-4)
+    assert cfg.training.model.weight_decay == pytest.approx(1e-5)
+    assert cfg.training.distributed.num_workers == 4
+    assert cfg.training.distributed.use_gpu is True
+    ep = cfg.deployment.endpoint
     assert (ep.instance_type, ep.min_instances, ep.max_instances) == ("Standard_DS3_v2", 1, 5)
-    assert cfg.deployment.deployment.monitoring.metrics == ["latency", "throughput", "error_rate"]
+    assert cfg.deployment.monitoring.metrics == ["latency", "throughput", "error_rate"]
 
 
 @pytest.mark.parametrize("target", ["local", "dev", "staging", "prod"])
@@ -41,7 +41,7 @@ def test_every_target_loads(target):
 
 def test_absent_files_keep_defaults(tmp_path):
     cfg = load_config(tmp_path, "local")
-    assert cfg.data.data_processing.validation.min_image_size == 100
+    assert cfg.data.validation.min_image_size == 100
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_missing_config_dir(tmp_path):
 
 def test_cpu_profile_lays_over_the_files_and_set_wins():
     cfg = load_config(CONFIG_DIR, "local", ["training.data.image_size=96"], profile="cpu")
-    t = cfg.training.training
+    t = cfg.training
     assert (t.data.image_size, t.model.learning_rate, t.distributed.use_gpu) == (96, 1e-3, False)
     assert t.model.weight_decay == pytest.approx(1e-5)  # untouched keys keep the file's value
     assert cfg.profile == str(CONFIG_DIR / "profiles" / "cpu.yaml")

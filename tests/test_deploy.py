@@ -22,8 +22,8 @@ from lakevision.runtime import Runtime
 from lakevision.serving.client import WorkspaceAuthError, WorkspaceUnreachableError
 from lakevision.serving.model_server import DeploymentError, ModelServer, workload_for
 from lakevision.serving.pipeline import DeploymentPipeline
-from lakevision.serving.workspace import LocalWorkspace
-from lakevision.training.dataset import load_split
+from lakevision.local.workspace.endpoints import LocalWorkspace
+from lakevision.data.samples import load_split
 
 from .conftest import CONFIG_DIR
 from .models import corrupt_weights, log_trained_model

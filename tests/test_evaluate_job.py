@@ -44,10 +44,10 @@ def test_detection_metrics_equal_pycocotools_on_the_stored_predictions(ingested)
     runtime, ds = ingested
     uri, run_id = _log(runtime, "detection", "fasterrcnn_mobilenet_v3_large_320_fpn", 4)
     result = run_evaluation(runtime, uri)
-    assert result["task"] == "detection" and result["run_id"] == run_id
+    assert result.task == "detection" and result.run_id == run_id
     test_ids = {int(r["image_id"]) for r in delta.read_table(runtime.spark, runtime.table("samples"))
                 .filter("split = 'test'").select("image_id").collect()}
-    assert result["images"] == len(test_ids) > 0
+    assert result.images == len(test_ids) > 0
 
     # Rebuild COCO ground truth and results from the source file and the predictions table
     doc = json.loads(ds.annotation_file.read_text())
@@ -70,25 +70,25 @@ def test_detection_metrics_equal_pycocotools_on_the_stored_predictions(ingested)
         ev.evaluate(); ev.accumulate(); ev.summarize()
     for k, name in enumerate(["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
                               "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]):
-        assert result["metrics"][name] == pytest.approx(ev.stats[k], abs=1e-9), name
+        assert result.metrics[name] == pytest.approx(ev.stats[k], abs=1e-9), name
 
     client = MlflowClient(runtime.tracking_uri)
     run = client.get_run(run_id)
-    assert run.data.metrics["test_map"] == pytest.approx(result["metrics"]["map"])
+    assert run.data.metrics["test_map"] == pytest.approx(result.metrics["map"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/pr_curve.png", "evaluation/samples.png", "evaluation/worst_errors.png",
             "evaluation/report.md"} <= artifacts
-    version = result["predictions_table"]["version"]
+    version = result.predictions_table["version"]
     again = run_evaluation(runtime, uri)
-    assert again["predictions_table"]["version"] == version  # same predictions: nothing committed
+    assert again.predictions_table["version"] == version  # same predictions: nothing committed
 
 
 def test_classification_evaluation_logs_confusion_matrix(ingested):
     runtime, _ = ingested
     uri, run_id = _log(runtime, "classification", "resnet18", 3)
     result = run_evaluation(runtime, uri, task="classification")
-    assert 0.0 <= result["metrics"]["accuracy"] <= 1.0 and "f1_macro" in result["metrics"]
-    assert "log_loss" in result["metrics"]
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0 and "f1_macro" in result.metrics
+    assert "log_loss" in result.metrics
     client = MlflowClient(runtime.tracking_uri)
     assert "evaluation/confusion_matrix.png" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
 
@@ -107,6 +107,6 @@ def test_instance_segmentation_reports_box_and_mask_stats(ingested):
     runtime, _ = ingested
     uri, _ = _log(runtime, "segmentation", "maskrcnn_resnet18_fpn", 4)
     result = run_evaluation(runtime, uri, task="segmentation")
-    metrics = result["metrics"]
+    metrics = result.metrics
     assert {"map", "map_50", "segm_map", "segm_map_50"} <= set(metrics)
     assert all(-1.0 <= metrics[k] <= 1.0 for k in ("map", "segm_map"))

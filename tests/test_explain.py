@@ -24,7 +24,7 @@ from lakevision.evaluation.explain import (
     overlay,
 )
 from lakevision.packaging.pyfunc import ServingSpec, load_image_model, log_image_model
-from lakevision.training.dataset import load_rgb
+from lakevision.data.images import load_rgb
 from lakevision.training.models import build_model
 
 CATS = ([1, 2, 3], ["circle", "square", "triangle"])

@@ -64,7 +64,7 @@ def test_gold_samples_nest_annotations_and_split_deterministically(runtime, data
     for row in samples.itertuples():
         assert row.num_annotations == per_image.get(row.image_id, 0) == len(row.annotations)
         assert {a["category_name"] for a in row.annotations} <= {"circle", "square", "triangle"}
-    splits = runtime.config.data.data_processing.splits
+    splits = runtime.config.data.splits
 
     def expected(image_id):
         b = zlib.crc32(f"{splits.seed}:{image_id}".encode()) % 10_000
@@ -189,7 +189,7 @@ def test_category_counts_and_data_sufficiency(runtime, dataset):
                 split_counts = expected.setdefault(a["category_name"], {"train": 0, "val": 0, "test": 0})
                 split_counts[row.split] += 1
     assert result.category_counts == expected and set(expected) == {"circle", "square", "triangle"}
-    minimum = runtime.config.data.data_processing.min_samples_per_category
+    minimum = runtime.config.data.min_samples_per_category
     short = sorted(name for name, c in expected.items() if c["train"] < minimum)
     assert [w.split(":")[0] for w in result.insufficient] == short
     assert all(f"fewer than min_samples_per_category ({minimum})" in w for w in result.insufficient)

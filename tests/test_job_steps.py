@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lakevision.bundle.runtimes import runtime_table
+from lakevision.local.ml_runtimes import runtime_table
 from lakevision.jobs import STEPS
 from lakevision.jobs.notebook import WidgetError, _WidgetParser, widget_arguments
 from lakevision.registry.model_registry import RegistryError, check_tag_key, tag_key
-from lakevision.serving.workspace import ImageBuildError, check_installable
+from lakevision.local.workspace.serving import ImageBuildError, check_installable
 from lakevision.tracking import pinned_requirements
 
 from .conftest import REPO
@@ -94,8 +94,8 @@ def test_a_notebook_in_a_deployed_folder_finds_its_target_and_names(tmp_path, cl
     assert cfg.target_name == "dev"
     assert cfg.config_dir == files / "bundle" / "config"
     assert (cfg.target.catalog, cfg.target.schema_) == ("main", "dev_jane_doe_lakevision")
-    assert cfg.deployment.deployment.model_name == "dev_jane_doe_lakevision_detector"
-    assert cfg.deployment.deployment.endpoint_name == "lakevision-detector-dev-jane-doe"
+    assert cfg.deployment.model_name == "dev_jane_doe_lakevision_detector"
+    assert cfg.deployment.endpoint_name == "lakevision-detector-dev-jane-doe"
     assert cfg.target.experiment == "/Workspace/Users/jane.doe@lakevision.example/[dev jane_doe] lakevision"
 
 
@@ -176,7 +176,7 @@ def test_the_wheel_does_not_force_what_the_runtime_provides():
 
 def test_runtime_table_in_readme_matches_the_file():
     readme = (REPO / "README.md").read_text()
-    doc = yaml.safe_load((REPO / "src" / "lakevision" / "bundle" / "ml_runtimes.yaml").read_text())
+    doc = yaml.safe_load((REPO / "src" / "lakevision" / "local" / "ml_runtimes.yaml").read_text())
     for name, spec in doc["runtimes"].items():
         row = next((line for line in readme.splitlines() if line.startswith(f"| {name} |")), None)
         assert row is not None, name

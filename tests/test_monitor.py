@@ -20,8 +20,9 @@ from lakevision.packaging.pyfunc import encode_image
 from lakevision.runtime import Runtime
 from lakevision.serving.model_server import ModelServer
 from lakevision.serving.pipeline import run_deployment
-from lakevision.serving.workspace import LocalWorkspace
-from lakevision.training.dataset import load_rgb, load_split
+from lakevision.local.workspace.endpoints import LocalWorkspace
+from lakevision.data.images import load_rgb
+from lakevision.data.samples import load_split
 
 from .conftest import CONFIG_DIR
 from .models import log_trained_model
@@ -67,12 +68,12 @@ def test_same_distribution_traffic_does_not_retrain(deployed, monkeypatch):
     _send(url, [_jpeg(load_rgb(p)) for p in paths])
     ws.flush_inference_tables()
     result = run_monitoring(rt, ENDPOINT, host=url, retrain=False)
-    assert result["health"]["healthy"] and result["model_version"] == "1"
-    assert result["n_current"] >= len(paths)  # the smoke test's requests are traffic too
-    assert result["retrain"] is False, result["reasons"]
-    assert result["drift"]["drifted_features"] == [] and result["triggered"] is None
-    (entity,) = result["stats"]
-    assert entity["requests"] == result["n_current"] and entity["error_rate"] == 0.0
+    assert result.health["healthy"] and result.model_version == "1"
+    assert result.n_current >= len(paths)  # the smoke test's requests are traffic too
+    assert result.retrain is False, result.reasons
+    assert result.drift["drifted_features"] == [] and result.triggered is None
+    (entity,) = result.stats
+    assert entity["requests"] == result.n_current and entity["error_rate"] == 0.0
     assert entity["latency_p50_ms"] > 0
 
 
@@ -90,10 +91,10 @@ def test_brightened_traffic_triggers_retraining(deployed, monkeypatch):
         "deployment.monitoring.drift.min_samples=30", f"deployment.monitoring.window_minutes={window}"]),
         spark=rt.spark, kind="local", root=rt.root)
     result = run_monitoring(rt2, ENDPOINT, host=url, retrain=False)
-    assert result["n_current"] == 3 * len(brighter)
-    assert result["retrain"] is True
-    assert "brightness" in result["drift"]["drifted_features"]
-    assert any(r.startswith("brightness drifted") for r in result["reasons"])
+    assert result.n_current == 3 * len(brighter)
+    assert result.retrain is True
+    assert "brightness" in result.drift["drifted_features"]
+    assert any(r.startswith("brightness drifted") for r in result.reasons)
     drift = DeltaTable(rt.table(DRIFT_TABLE).path).to_pandas()
     last = drift[drift["measured_at"] == drift["measured_at"].max()]
     assert bool(last.loc[last["test"] == "brightness", "drifted"].iloc[0])

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lakevision.packaging.exports import compare_outputs, export_and_check
 from lakevision.packaging.pyfunc import IMAGE_COLUMN, ServingSpec, encode_image, load_image_model
-from lakevision.training.dataset import load_rgb
+from lakevision.data.images import load_rgb
 from lakevision.training.models import build_model
 
 from .models import log_trained_model
@@ -103,7 +103,7 @@ def test_instance_masks_come_back_as_rle(sample_images):
 def test_bad_requests_raise_invalid_parameter(ingested_runtime, payload, message):
     from .models import spec_for
     from lakevision.packaging.pyfunc import ImageModel
-    from lakevision.training.dataset import load_split
+    from lakevision.data.samples import load_split
 
     spec = spec_for(load_split(ingested_runtime, "test"))
     model = ImageModel(build_model("classification", "resnet18", 3, "none"), spec)

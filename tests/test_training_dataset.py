@@ -10,8 +10,9 @@ from PIL import Image
 
 from lakevision.data.ingest import run_ingest
 from lakevision.data.synthetic import generate_dataset
-from lakevision.training.dataset import (
-    IGNORE_INDEX, COCODataset, ImageLoadError, annotation_mask, collate_fn, load_split, load_rgb)
+from lakevision.data.dataset import COCODataset, IGNORE_INDEX, collate_fn
+from lakevision.data.images import ImageLoadError, annotation_mask, load_rgb
+from lakevision.data.samples import load_split
 
 SQUARE = {"id": 1, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0], "area": 1200.0, "iscrowd": 0,
           "segmentation": [[10, 20, 40, 20, 40, 60, 10, 60]]}

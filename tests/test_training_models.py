@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lakevision.data.synthetic import generate_dataset
-from lakevision.training.dataset import COCODataset, build_transform, collate_fn
+from lakevision.data.dataset import COCODataset, collate_fn
+from lakevision.data.transforms import build_transform
 from lakevision.training.models import WeightsUnavailableError, build_model
 from lakevision.training.module import BaseModel, warmup_cosine
 

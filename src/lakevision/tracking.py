@@ -15,9 +15,35 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lakevision.errors import LakevisionError
+from lakevision.runtime import DEFAULT_ROOT, ROOT_ENV, LocalLayout
+from lakevision.tasks import TaskKind
+
 log = logging.getLogger(__name__)
 
 _PARAM_MAX = 6000  # MLflow's limit on one parameter value
+
+# Names more than one module reads or writes: the tags and artifacts of lakevision's MLflow runs.
+MODEL_URI_TAG = "lakevision.model_uri"  # train: the logged serving model
+TASK_TAG = "lakevision.task"  # train: classification | detection | segmentation
+DATA_TABLE_TAG, DATA_VERSION_TAG = "data.table", "data.version"  # the Delta table version a run read
+CONVERGENCE_TAG, OVERFITTING_TAG = "training.convergence_epoch", "training.overfitting"
+EVAL_MODEL_URI_TAG = "evaluation.model_uri"  # evaluate: which model, at which version, as which kind
+EVAL_DATA_VERSION_TAG = "evaluation.data_version"
+EVAL_TASK_TAG = "evaluation.task"
+EVAL_KIND_TAG = "evaluation.kind"
+GATE_DECISION_TAG = "gate.decision"
+TEST_PREFIX = "test_"  # evaluate's metrics, as logged
+BEST_PREFIX = "best_"  # train's best validation value of a metric
+REFERENCE_PROFILE_ARTIFACT = "monitoring/reference_profile.json"
+TRAINING_RESULT_ARTIFACT = "training_result.json"
+EVALUATION_REPORT_ARTIFACT = "evaluation/report.md"
+GATE_REPORT_ARTIFACT = "gate/report.json"
+GATE_FIGURE_ARTIFACT = "gate/challenger_vs_champion.png"
+
+
+class NoRunError(LakevisionError, LookupError):
+    """No finished training run to pick."""
 
 
 def on_databricks() -> bool:
@@ -25,9 +51,34 @@ def on_databricks() -> bool:
 
 
 def local_tracking_uri(root: str | os.PathLike | None = None) -> str:
-    root = Path(root or os.environ.get("LAKEVISION_ROOT", ".lakevision"))
+    root = Path(root or os.environ.get(ROOT_ENV, DEFAULT_ROOT))
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return LocalLayout(root).tracking_uri
+
+
+def mlflow_client(tracking_uri: str, registry_uri: str | None = None):
+    """The one way lakevision builds an MLflow client: explicit URIs, never the process-wide ones."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+
+def best_training_run(client, experiment_name: str, task: str, kind: TaskKind) -> dict[str, Any]:
+    """The finished training run of ``task`` with the best ``best_<val metric>`` of its kind:
+    its run id, model URI, metric name and value. A run that failed or logged no model is skipped."""
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        raise NoRunError(f"experiment {experiment_name!r} does not exist; run `lakevision train` first")
+    metric = BEST_PREFIX + kind.val_metric
+    order = "DESC" if kind.greater_is_better else "ASC"
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"attributes.status = 'FINISHED' and tags.`{TASK_TAG}` = '{task}'",
+                              order_by=[f"metrics.{metric} {order}"], max_results=1)
+    if not runs or MODEL_URI_TAG not in runs[0].data.tags:
+        raise NoRunError(f"experiment {experiment_name!r} has no finished {task} training run with a model")
+    run = runs[0]
+    return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "metric": metric,
+            "value": run.data.metrics.get(metric)}
 
 
 def resolve_tracking_uri(uri: str | None, root: str | os.PathLike | None = None) -> str:
@@ -128,7 +179,7 @@ class ExperimentTracker:
         if exp is None:
             if artifact_location is None and self.tracking_uri.startswith("sqlite:///"):
                 db = Path(self.tracking_uri.removeprefix("sqlite:///"))
-                artifact_location = (db.parent / "mlruns").resolve().as_uri()
+                artifact_location = LocalLayout(db.parent).artifacts.as_uri()
             self.experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
         else:
             self.experiment_id = exp.experiment_id
@@ -196,7 +247,7 @@ class ExperimentTracker:
         frame = pd.DataFrame(rows or [])
         dataset = self._mlflow.data.from_pandas(frame, source=source, name=f"{Path(table).name}@v{version}:{split}")
         self._mlflow.log_input(dataset, context=split)
-        self._mlflow.set_tags({"data.table": table, "data.version": str(version)})
+        self._mlflow.set_tags({DATA_TABLE_TAG: table, DATA_VERSION_TAG: str(version)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)

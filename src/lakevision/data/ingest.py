@@ -84,7 +84,7 @@ def build_samples(rt: Runtime, versions: dict[str, int]) -> DataFrame:
     joined = images.select(F.col("id").alias("image_id"), *img_cols).join(nested, "image_id", "left")
     return joined.select(
         "image_id", *img_cols,
-        split_column(F.col("image_id"), rt.config.data.data_processing.splits).alias("split"),
+        split_column(F.col("image_id"), rt.config.data.splits).alias("split"),
         F.coalesce(F.size("annotations"), F.lit(0)).cast("int").alias("num_annotations"),
         "annotations",
     )
@@ -132,7 +132,7 @@ def run_ingest(rt: Runtime, annotations: str, images: str, progress: bool = Fals
     if "://" not in images and not Path(images).is_dir():
         raise FileNotFoundError(f"{images}: image folder does not exist")
     spark = rt.spark
-    proc = COCOProcessor(spark, rt.config.data.data_processing, staging_dir=rt.staging_dir)
+    proc = COCOProcessor(spark, rt.config.data, staging_dir=rt.staging_dir)
     try:
         proc.load_coco_annotations(annotations)
         refs = {name: rt.table(name) for name in (*REPORTED, LINEAGE_TABLE)}
@@ -170,7 +170,7 @@ def run_ingest(rt: Runtime, annotations: str, images: str, progress: bool = Fals
         ])
         delta.append(spark, spark.createDataFrame(lineage), refs[LINEAGE_TABLE])
         counts = category_counts(rt, versions["samples"])
-        insufficient = insufficient_categories(counts, rt.config.data.data_processing.min_samples_per_category)
+        insufficient = insufficient_categories(counts, rt.config.data.min_samples_per_category)
         for warning in insufficient:
             log.warning("data sufficiency: %s", warning)
         return IngestResult(

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,13 @@ from lakevision.evaluation import ClassificationMetrics, DetectionMetrics, Segme
 from lakevision.errors import DataError, LakevisionError
 from lakevision.figures import new_figure
 from lakevision.runtime import Runtime
-from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, load_split, segmentation_to_rle
+from lakevision.tasks import task_kind
+from lakevision.tracking import (EVAL_DATA_VERSION_TAG, EVAL_KIND_TAG, EVAL_MODEL_URI_TAG, EVAL_TASK_TAG,
+                                 EVALUATION_REPORT_ARTIFACT, TEST_PREFIX, mlflow_client)
+from lakevision.data.dataset import COCODataset
+from lakevision.data.images import segmentation_to_rle
+from lakevision.data.samples import SplitRecords, load_split
+from lakevision.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,23 @@ _GRID = 6  # images in each figure grid
 
 class ModelLoadError(LakevisionError, RuntimeError):
     pass
+
+
+@dataclass
+class EvaluationResult:
+    """A model scored on the test split at one samples version, and where the scores went."""
+
+    task: str
+    kind: str  # a lakevision.tasks kind: semantic segmentation is a kind of its own
+    model_uri: str
+    run_id: str  # the MLflow run the metrics, figures and report were logged into
+    data_version: int
+    images: int
+    metrics: dict[str, float]
+    predictions_table: dict[str, Any]  # location and version of the per-image predictions
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _load_model(model_uri: str):
@@ -55,10 +79,8 @@ def _load_model(model_uri: str):
     return image_model.model.eval(), info, image_model
 
 
-def _training_params(run_id: str | None) -> dict[str, str]:
-    from mlflow import MlflowClient
-
-    return MlflowClient().get_run(run_id).data.params if run_id else {}
+def _training_params(rt: Runtime, run_id: str | None) -> dict[str, str]:
+    return mlflow_client(rt.tracking_uri).get_run(run_id).data.params if run_id else {}
 
 
 def _task_of(model: torch.nn.Module, requested: str | None, params: dict) -> tuple[str, bool]:
@@ -154,7 +176,7 @@ def _draw(ax, image: np.ndarray, gt: dict | None, pred: dict | None, names: dict
 def image_grid(records: SplitRecords, gts: list[dict], preds: list[dict | None], order: list[int], names: dict[int, str],
                title: str):
     """Up to nine images of ``records`` in ``order`` with their ground truth and, where given, predictions."""
-    from lakevision.training.dataset import load_rgb
+    from lakevision.data.images import load_rgb
 
     picks = order[:_GRID]
     cols = 3
@@ -178,7 +200,7 @@ def _explained_errors(image_model, records: SplitRecords, order: list[int], coun
     """Explanation panels for the ``count`` worst test images (None without a lakevision serving
     model, whose spec explanations need, or with nothing to explain)."""
     from lakevision.evaluation.explain import explain_array, panels_figure
-    from lakevision.training.dataset import load_rgb
+    from lakevision.data.images import load_rgb
 
     if image_model is None or not order:
         return None
@@ -217,13 +239,13 @@ def _predictions_frame(model_uri: str, records: SplitRecords, preds: list[dict],
 
 
 def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_version: int | None = None,
-                   batch_size: int = 8) -> dict[str, Any]:
+                   batch_size: int = 8) -> EvaluationResult:
     import mlflow
 
     mlflow.set_tracking_uri(rt.tracking_uri)
     mlflow.set_registry_uri(rt.registry_uri)
     model, info, image_model = _load_model(model_uri)
-    params = _training_params(info.run_id)
+    params = _training_params(rt, info.run_id)
     task, semantic = _task_of(model, task, params)
     records = load_split(rt, "test", data_version)
     if not records.image_paths:
@@ -261,19 +283,20 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
         figures["evaluation/worst_errors_explained.png"] = explained
     report = _report(task, model_uri, records, metrics)
     with mlflow.start_run(run_id=info.run_id) if info.run_id else mlflow.start_run(run_name="evaluate"):
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if np.isfinite(v)})
+        mlflow.log_metrics({TEST_PREFIX + k: v for k, v in metrics.items() if np.isfinite(v)})
         for path, fig in figures.items():
             mlflow.log_figure(fig, path)
-        mlflow.log_text(report, "evaluation/report.md")
-        mlflow.set_tags({"evaluation.data_version": str(records.version), "evaluation.model_uri": model_uri,
-                         "evaluation.task": task})
+        mlflow.log_text(report, EVALUATION_REPORT_ARTIFACT)
+        mlflow.set_tags({EVAL_DATA_VERSION_TAG: str(records.version), EVAL_MODEL_URI_TAG: model_uri,
+                         EVAL_TASK_TAG: task, EVAL_KIND_TAG: task_kind(task, semantic).name})
         run_id = mlflow.active_run().info.run_id
     ref = rt.table(PREDICTIONS_TABLE)
     frame = _predictions_frame(model_uri, records, preds, task)
     delta.upsert(rt.spark, rt.spark.createDataFrame(frame), ref, ["model_uri", "image_id"], ["row_hash"], rt.staging_dir)
-    return {"task": task, "model_uri": model_uri, "run_id": run_id, "data_version": records.version,
-            "images": len(records.image_paths), "metrics": metrics,
-            "predictions_table": {"location": ref.location, "version": delta.table_version(rt.spark, ref)}}
+    return EvaluationResult(task=task, kind=task_kind(task, semantic).name, model_uri=model_uri, run_id=run_id,
+                            data_version=records.version, images=len(records.image_paths), metrics=metrics,
+                            predictions_table={"location": ref.location,
+                                               "version": delta.table_version(rt.spark, ref)})
 
 
 def _dense_task(model, records: SplitRecords, task: str, semantic: bool, params: dict, batch: int):
@@ -316,7 +339,7 @@ def comparison_figure(rt: Runtime, model_uris: dict[str, str], data_version: int
     row per image, one column per model), e.g. a challenger and the champion it must beat."""
     from pyspark.sql import functions as F
 
-    from lakevision.training.dataset import load_rgb
+    from lakevision.data.images import load_rgb
 
     records = load_split(rt, "test", data_version)
     names = dict(zip(records.category_ids, records.category_names))

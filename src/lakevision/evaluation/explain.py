@@ -295,7 +295,7 @@ def explain_image(model_uri: str, image_path: str, out_path: str, box: int | Non
     serving score threshold (up to four), or only for ``box``, an index into the served boxes
     (``boxes``, ``labels``, ``categories``, ``scores`` as served, and ``explained``: the indices shown).
     """
-    from lakevision.training.dataset import load_rgb
+    from lakevision.data.images import load_rgb
 
     if not Path(image_path).is_file():
         raise ExplainError(f"{image_path}: no such image file")

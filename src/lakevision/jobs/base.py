@@ -16,9 +16,7 @@ from typing import Any, Protocol
 
 from lakevision.config import load_config
 from lakevision.runtime import Runtime
-
-TASKS = ["classification", "detection", "segmentation"]
-
+from lakevision.tasks import TRAINING_TASKS
 
 class StepResult(Protocol):
     def to_json(self) -> dict[str, Any]:
@@ -32,19 +30,6 @@ class StepResult(Protocol):
 
     def raise_for_status(self) -> None:
         """Raise the step's own error when it failed, so the task fails."""
-
-
-@dataclass
-class ReportResult:
-    """A step result over the report (a dict) its library function returned."""
-
-    report: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return self.report
-
-    def raise_for_status(self) -> None:
-        """A step that returned a report finished: a failure raised on the way."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +68,7 @@ def data_version_argument(p: argparse.ArgumentParser) -> None:
 
 
 def task_argument(p: argparse.ArgumentParser, help_text: str) -> None:
-    p.add_argument("--task", choices=TASKS, default=None, help=help_text)
+    p.add_argument("--task", choices=TRAINING_TASKS, default=None, help=help_text)
 
 
 @contextlib.contextmanager

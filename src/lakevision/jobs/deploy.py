@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
-from lakevision.jobs.base import ReportResult, Step, TASKS, common_arguments, job_runtime, optional_str
+from lakevision.jobs.base import Step, common_arguments, job_runtime, optional_str
+from lakevision.tasks import TRAINING_TASKS
 from lakevision.jobs.gate import gate_lines
 from lakevision.registry.gate import GateFailedError
 from lakevision.serving.model_server import DeploymentError
@@ -17,7 +19,13 @@ def route_line(state: dict[str, Any]) -> str:
     return f"endpoint {state['name']}: {state['state']['ready']}, {state['state']['config_update']}; {routes}"
 
 
-class DeployStepResult(ReportResult):
+@dataclass
+class DeployStepResult:
+    report: dict[str, Any]  # DeploymentPipeline.run_pipeline's report (the API reference fixes it as a dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report
+
     def task_values(self) -> dict[str, Any]:
         r = self.report
         return {"status": r["status"], "endpoint": r["endpoint"],
@@ -57,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="canary share of the new version, 1-100 (default: deployment.canary.traffic_percentage)")
     p.add_argument("--model-uri", type=optional_str, default=None,
                    help="deploy this model instead of the experiment's best run")
-    p.add_argument("--task", choices=TASKS, default=None, help="task of the best run to pick (default: training.task)")
+    p.add_argument("--task", choices=TRAINING_TASKS, default=None, help="task of the best run to pick (default: training.task)")
     p.add_argument("--host", type=optional_str, default=None,
                    help="workspace URL (default: a local workspace for --target local, deployment.workspace.host "
                         "or $DATABRICKS_HOST otherwise)")

@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 from lakevision.errors import LakevisionError
-from lakevision.jobs.base import (ReportResult, Step, common_arguments, data_version_argument, job_runtime,
-                                  optional_str, task_argument)
+from lakevision.evaluation.evaluate import EvaluationResult
+from lakevision.jobs.base import (Step, common_arguments, data_version_argument, job_runtime, optional_str,
+                                  task_argument)
 
 
-class EvaluateStepResult(ReportResult):
+@dataclass
+class EvaluateStepResult:
+    result: EvaluationResult
+
+    def to_json(self) -> dict[str, Any]:
+        return self.result.to_json()
+
     def task_values(self) -> dict[str, Any]:
-        r = self.report
-        return {"run_id": r["run_id"], "data_version": r["data_version"], "metrics": r["metrics"]}
+        r = self.result
+        return {"run_id": r.run_id, "data_version": r.data_version, "metrics": r.metrics}
 
     def summary(self) -> list[str]:
-        r = self.report
-        return [f"{r['task']} model {r['model_uri']} on {r['images']} test images (data version {r['data_version']}); "
-                f"logged to MLflow run {r['run_id']}",
-                *(f"  {k:<28} {v:.4f}" for k, v in sorted(r["metrics"].items())),
-                f"per-image predictions: {r['predictions_table']['location']}"]
+        r = self.result
+        return [f"{r.task} model {r.model_uri} on {r.images} test images (data version {r.data_version}); "
+                f"logged to MLflow run {r.run_id}",
+                *(f"  {k:<28} {v:.4f}" for k, v in sorted(r.metrics.items())),
+                f"per-image predictions: {r.predictions_table['location']} version {r.predictions_table['version']}"]
+
+    def raise_for_status(self) -> None:
+        """Metrics are reported, not judged: the gate judges them."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +52,7 @@ def run(args: argparse.Namespace) -> EvaluateStepResult:
     with job_runtime(args) as rt:
         model_uri = args.model_uri
         if model_uri is None:
-            registry = ModelRegistry(rt, args.model_name or rt.config.deployment.deployment.model_name)
+            registry = ModelRegistry(rt, args.model_name or rt.config.deployment.model_name)
             champion = registry.by_alias(CHAMPION)
             if champion is None:
                 raise LakevisionError(f"no --model-uri, and {registry.name} has no {CHAMPION} version to evaluate")

@@ -3,43 +3,49 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 from lakevision.bundle.task_context import find_bundle_root
 from lakevision.errors import LakevisionError
-from lakevision.jobs.base import ReportResult, Step, common_arguments, job_runtime, optional_str
+from lakevision.jobs.base import Step, common_arguments, job_runtime, optional_str
 from lakevision.jobs.deploy import route_line
+from lakevision.monitoring.monitor import MonitorReport
 
 
 class EndpointUnhealthyError(LakevisionError):
     """The monitor found the endpoint down or outside its bounds."""
 
 
-class MonitorStepResult(ReportResult):
+@dataclass
+class MonitorStepResult:
+    report: MonitorReport
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report.to_json()
+
     def task_values(self) -> dict[str, Any]:
         r = self.report
-        triggered = r["triggered"] or {}
-        return {"healthy": r["health"]["healthy"], "problems": r["health"]["problems"], "retrain": r["retrain"],
-                "reasons": r["reasons"], "model_version": r["model_version"],
+        triggered = r.triggered or {}
+        return {"healthy": r.health["healthy"], "problems": r.health["problems"], "retrain": r.retrain,
+                "reasons": r.reasons, "model_version": r.model_version,
                 "triggered": triggered.get("run_id") or triggered.get("pid")}
 
     def summary(self) -> list[str]:
         r = self.report
-        health = r["health"]
-        lines = [route_line(health["status"])] if health["status"] else []
+        lines = [route_line(r.health["status"])] if r.health["status"] else []
         lines += [f"  {s['served_entity_id']}: {s['requests']} requests, p50 {s.get('latency_p50_ms')} ms, "
-                  f"p99 {s.get('latency_p99_ms')} ms, error rate {s.get('error_rate')}" for s in r["stats"]]
-        lines.append("healthy" if health["healthy"] else "UNHEALTHY: " + "; ".join(health["problems"]))
-        lines.append(f"drift: {'retrain' if r['retrain'] else 'no retrain'}; " + "; ".join(r["reasons"]))
-        if r["triggered"]:
-            lines.append(f"started {r['triggered']}")
+                  f"p99 {s.get('latency_p99_ms')} ms, error rate {s.get('error_rate')}" for s in r.stats]
+        lines.append("healthy" if r.health["healthy"] else "UNHEALTHY: " + "; ".join(r.health["problems"]))
+        lines.append(f"drift: {'retrain' if r.retrain else 'no retrain'}; " + "; ".join(r.reasons))
+        if r.triggered:
+            lines.append(f"started {r.triggered}")
         return lines
 
     def raise_for_status(self) -> None:
         # an unhealthy endpoint fails the run, so the job's failure notifications reach someone
-        health = self.report["health"]
-        if not health["healthy"]:
-            raise EndpointUnhealthyError(f"endpoint {self.report['endpoint']}: " + "; ".join(health["problems"]))
+        if not self.report.health["healthy"]:
+            raise EndpointUnhealthyError(f"endpoint {self.report.endpoint}: " + "; ".join(self.report.health["problems"]))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
-from lakevision.jobs.base import ReportResult, Step, common_arguments, data_version_argument, job_runtime, task_argument
+from lakevision.jobs.base import Step, common_arguments, data_version_argument, job_runtime, task_argument
+from lakevision.training.train import TrainingResult
 
 
-class TrainStepResult(ReportResult):
+@dataclass
+class TrainStepResult:
+    result: TrainingResult
+
+    def to_json(self) -> dict[str, Any]:
+        return self.result.to_json()
+
     def task_values(self) -> dict[str, Any]:
-        r = self.report
-        return {"run_id": r["run_id"], "model_uri": r["model_uri"], "task": r["task"],
-                "data_version": r["data_version"], "best_metric": r["best_metric"]["name"],
-                "best_value": r["best_metric"]["value"]}
+        r = self.result
+        return {"run_id": r.run_id, "model_uri": r.model_uri, "task": r.task, "data_version": r.data_version,
+                "best_metric": r.best_metric["name"], "best_value": r.best_metric["value"]}
 
     def summary(self) -> list[str]:
-        r = self.report
-        best = r["best_metric"]
-        return [f"MLflow run {r['run_id']}", f"model {r['model_uri']}",
-                f"data {r['data_table']} version {r['data_version']}", f"best {best['name']} = {best['value']}",
-                *(f"  {k:<28} {v:.4f}" for k, v in sorted(r["metrics"].items()))]
+        r = self.result
+        return [f"MLflow run {r.run_id}", f"model {r.model_uri}", f"data {r.data_table} version {r.data_version}",
+                f"best {r.best_metric['name']} = {r.best_metric['value']}",
+                *(f"  {k:<28} {v:.4f}" for k, v in sorted(r.metrics.items()))]
+
+    def raise_for_status(self) -> None:
+        """Training that did not finish raised already."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ MONITORING_TABLE = "endpoint_monitoring"
 
 
 def inference_table(rt: Runtime, endpoint: str) -> TableRef:
-    return rt.table(payload_table_name(inference_table_prefix(rt.config.deployment.deployment, endpoint)))
+    return rt.table(payload_table_name(inference_table_prefix(rt.config.deployment, endpoint)))
 
 
 def recent_requests(rt: Runtime, endpoint: str, window_minutes: float, now: dt.datetime | None = None):
@@ -46,7 +46,7 @@ def endpoint_stats(rt: Runtime, endpoint: str, window_minutes: float,
     rows = recent_requests(rt, endpoint, window_minutes, now)
     if rows is None:
         return []
-    wanted = set(rt.config.deployment.deployment.monitoring.metrics)
+    wanted = set(rt.config.deployment.monitoring.metrics)
     aggs = [F.count(F.lit(1)).alias("requests")]
     if "latency" in wanted:
         aggs += [F.percentile_approx("execution_duration_ms", 0.5, 10_000).alias("latency_p50_ms"),

@@ -32,7 +32,7 @@ def judge(status: dict[str, Any], max_error_rate: float, max_p99_latency_ms: flo
 
 def endpoint_health(rt: Runtime, endpoint: str | None = None, host: str | None = None) -> dict[str, Any]:
     """State, served versions and last-minute metrics of ``endpoint`` with a healthy/unhealthy verdict."""
-    d = rt.config.deployment.deployment
+    d = rt.config.deployment
     name = endpoint or d.endpoint_name
     with workspace_connection(rt, host) as (url, token):
         server = ModelServer(url, token, d.model_name, retry_timeout_seconds=d.workspace.retry_timeout_seconds)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from lakevision.monitoring.endpoint_stats import endpoint_stats, recent_requests
 from lakevision.monitoring.health import endpoint_health
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
 from lakevision.runtime import Runtime
+from lakevision.tasks import task_kind
+from lakevision.tracking import REFERENCE_PROFILE_ARTIFACT, TEST_PREFIX, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def traffic_images(rt: Runtime, endpoint: str, window_minutes: float, now: dt.da
     rows = recent_requests(rt, endpoint, window_minutes, now)
     if rows is None:
         return []
-    max_pixels = rt.config.deployment.deployment.serving.max_image_pixels
+    max_pixels = rt.config.deployment.serving.max_image_pixels
     bodies = (rows.where((F.col("status_code") == 200) & F.col("request").isNotNull())
               .orderBy(F.col("request_time").desc()).select("request").limit(_MAX_TRAFFIC_IMAGES).collect())
     images = [decode_image(text, i, max_pixels) for r in bodies for i, text in enumerate(request_images(r["request"]))]
@@ -74,7 +77,6 @@ def champion_reference(rt: Runtime, model_name: str):
     import mlflow
 
     from lakevision.packaging.pyfunc import load_image_model
-    from lakevision.training.train import REFERENCE_PROFILE_ARTIFACT
 
     champion = ModelRegistry(rt, model_name).by_alias(CHAMPION)
     if champion is None:
@@ -89,9 +91,7 @@ def champion_reference(rt: Runtime, model_name: str):
 
 
 def _baseline(rt: Runtime, champion, metric: str) -> float | None:
-    from mlflow import MlflowClient
-
-    return MlflowClient(rt.tracking_uri).get_run(champion.run_id).data.metrics.get(f"test_{metric}")
+    return mlflow_client(rt.tracking_uri).get_run(champion.run_id).data.metrics.get(TEST_PREFIX + metric)
 
 
 def write_drift(rt: Runtime, endpoint: str, version: str, report: DriftReport | None, retrain: bool,
@@ -146,42 +146,60 @@ def trigger_retrain(rt: Runtime, job: str, bundle_dir: str | os.PathLike = ".") 
     return {"job": job, "pid": proc.pid, "log": str(log_path), "parameters": params}
 
 
+@dataclass
+class MonitorReport:
+    """One pass of the monitor: what it measured on the endpoint, what it decided, what it started."""
+
+    endpoint: str
+    window_end: dt.datetime  # the end of the window the metrics and the drift test looked at
+    health: dict[str, Any]  # healthy, problems, and the endpoint's state and routes
+    stats: list[dict[str, Any]]  # per served entity: requests, latency percentiles, error rate
+    monitoring_table_version: int
+    model_version: str | None  # the champion the traffic was compared with (None: no champion yet)
+    n_current: int  # traffic images the drift test saw
+    retrain: bool
+    reasons: list[str]
+    drift: dict[str, Any] | None
+    drift_table_version: int
+    triggered: dict[str, Any] | None  # the retraining run it started
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = None, retrain: bool = True,
-                   retrain_job: str | None = None, bundle_dir: str | os.PathLike = ".") -> dict[str, Any]:
+                   retrain_job: str | None = None, bundle_dir: str | os.PathLike = ".") -> MonitorReport:
     """One pass of the monitor job; the report says what it measured, decided and started."""
-    d = rt.config.deployment.deployment
+    d = rt.config.deployment
     m = d.monitoring
     name = endpoint or d.endpoint_name
     now = dt.datetime.now(dt.timezone.utc)  # one window for the metrics and the drift test
-    report: dict[str, Any] = {"endpoint": name, "window_end": now, "health": endpoint_health(rt, name, host)}
+    health = endpoint_health(rt, name, host)
     stats = endpoint_stats(rt, name, m.window_minutes, now)
-    report["stats"] = stats
-    report["monitoring_table_version"] = write_stats(rt, stats)
+    stats_version = write_stats(rt, stats)
     champion, served, reference = champion_reference(rt, d.model_name)
+    n_current = 0
     if champion is None:
         decision = RetrainDecision(True, [f"{d.model_name} has no {CHAMPION} yet"])
-        report.update(model_version=None, drift=None, retrain=decision.retrain, reasons=decision.reasons)
         version = None
     else:
         images = traffic_images(rt, name, m.window_minutes, now)
+        n_current = len(images)
         current = None
         if images:
             current = ImageProfile.from_images(images, embeddings=embed_images(served.model, images,
                                                                                 served.spec.image_size))
-        from lakevision.registry.gate import lower_is_better
-        from lakevision.training.ray_trainer import BEST_METRIC
-
-        metric = BEST_METRIC["semantic" if served.spec.semantic else served.spec.task][0].removeprefix("val_")
-        monitor = ModelMonitor(reference, m.drift, baseline_metric=_baseline(rt, champion, metric),
-                               metric_name=metric, higher_is_better=not lower_is_better(metric))
+        kind = task_kind(served.spec.task, served.spec.semantic)
+        monitor = ModelMonitor(reference, m.drift, baseline_metric=_baseline(rt, champion, kind.headline),
+                               metric_name=kind.headline, higher_is_better=kind.greater_is_better)
         decision = monitor.should_retrain(current_profile=current)
         if current is None:
             decision.reasons.append(f"no successful requests in the last {m.window_minutes:g} minutes")
         version = champion.version
-        report.update(model_version=version, n_current=len(images), retrain=decision.retrain,
-                      reasons=decision.reasons, drift=decision.drift.to_dict() if decision.drift else None)
-    report["drift_table_version"] = write_drift(rt, name, version or "", decision.drift, decision.retrain,
-                                                decision.reasons, report.get("n_current", 0))
-    report["triggered"] = (trigger_retrain(rt, retrain_job or m.retrain_job, bundle_dir)
-                           if decision.retrain and retrain else None)
-    return report
+    drift_version = write_drift(rt, name, version or "", decision.drift, decision.retrain, decision.reasons, n_current)
+    triggered = trigger_retrain(rt, retrain_job or m.retrain_job, bundle_dir) if decision.retrain and retrain else None
+    return MonitorReport(endpoint=name, window_end=now, health=health, stats=stats,
+                         monitoring_table_version=stats_version, model_version=version, n_current=n_current,
+                         retrain=decision.retrain, reasons=decision.reasons,
+                         drift=decision.drift.to_dict() if decision.drift else None,
+                         drift_table_version=drift_version, triggered=triggered)

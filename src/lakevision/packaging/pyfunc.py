@@ -72,7 +72,7 @@ def decode_image(text: Any, row: int, max_pixels: int) -> np.ndarray:
     """One request image as an upright RGB array; every failure is a 400 naming the row."""
     from PIL import Image, UnidentifiedImageError
 
-    from lakevision.training.dataset import upright_rgb
+    from lakevision.data.images import upright_rgb
 
     if not isinstance(text, str) or not text:
         raise bad_request(f"row {row}: `{IMAGE_COLUMN}` must be a non-empty base64 string, got {type(text).__name__}")
@@ -102,7 +102,7 @@ def preprocess(images: list[np.ndarray], spec: ServingSpec) -> torch.Tensor | li
     Detection models resize and normalize inside, so they get the image scaled to [0, 1]."""
     if spec.instance:
         return [torch.from_numpy(im).permute(2, 0, 1).float().div_(255) for im in images]
-    from lakevision.training.dataset import build_transform
+    from lakevision.data.transforms import build_transform
 
     tf = build_transform(spec.task, spec.image_size, train=False, semantic=spec.semantic)
     return torch.stack([torch.from_numpy(tf(image=im)["image"]).permute(2, 0, 1) for im in images])

@@ -20,21 +20,16 @@ from lakevision import delta
 from lakevision.errors import LakevisionError
 from lakevision.registry.model_registry import CHALLENGER, CHAMPION, ModelRegistry, tag_key
 from lakevision.runtime import Runtime
+from lakevision.tasks import KINDS, greater_is_better
+from lakevision.tracking import (EVAL_DATA_VERSION_TAG, EVAL_KIND_TAG, EVAL_MODEL_URI_TAG, GATE_DECISION_TAG,
+                                 GATE_FIGURE_ARTIFACT, GATE_REPORT_ARTIFACT, TEST_PREFIX, mlflow_client)
 
 log = logging.getLogger(__name__)
 
-# The metric a challenger must beat the champion on, by task, when the config names none.
-COMPARE_METRIC = {"classification": ("accuracy",), "detection": ("map_50",),
-                  "segmentation": ("segm_map_50", "miou")}
-_LOWER_IS_BETTER = ("loss", "error", "ece", "calibration")
 
 
 class GateFailedError(LakevisionError):
     """The challenger did not pass; the message lists every failing metric."""
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric for word in _LOWER_IS_BETTER)
 
 
 @dataclass
@@ -58,7 +53,7 @@ def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) ->
         value = metrics.get(metric)
         if value is not None and not math.isfinite(value):
             value = None
-        kind = "max" if lower_is_better(metric) else "min"
+        kind = "min" if greater_is_better(metric) else "max"
         ok = value is not None and (value <= bound if kind == "max" else value >= bound)
         checks.append(Check(metric, value, float(bound), kind, ok))
     return checks
@@ -73,7 +68,7 @@ class Comparison:
     passed: bool
 
     def describe(self) -> str:
-        better = "lower" if lower_is_better(self.metric) else "higher"
+        better = "higher" if greater_is_better(self.metric) else "lower"
         return (f"{self.metric}: challenger {self.challenger} vs champion {self.champion}; needs to be "
                 f"{better} by at least {self.min_improvement:g}")
 
@@ -83,7 +78,7 @@ def compare_with_champion(challenger: dict[str, float], champion: dict[str, floa
     a, b = challenger.get(metric), champion.get(metric)
     ok = a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
     if ok:
-        gain = (b - a) if lower_is_better(metric) else (a - b)
+        gain = (a - b) if greater_is_better(metric) else (b - a)
         ok = gain >= min_improvement - 1e-12
     return Comparison(metric, a, b, min_improvement, ok)
 
@@ -131,7 +126,7 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 class MetricGate:
     def __init__(self, rt: Runtime, model_name: str | None = None, thresholds: dict[str, float] | None = None,
                  min_improvement: float | None = None, compare_metric: str | None = None):
-        d = rt.config.deployment.deployment
+        d = rt.config.deployment
         self.rt = rt
         self.registry = ModelRegistry(rt, model_name or d.model_name)
         self.thresholds = dict(d.metrics_threshold if thresholds is None else thresholds)
@@ -140,32 +135,24 @@ class MetricGate:
 
     # ------------------------------------------------------------------ scoring
     def scores(self, model_uri: str, data_version: int) -> tuple[str, dict[str, float]]:
-        """(task, test metrics) of ``model_uri`` at ``data_version``: from the model's run when
-        the evaluate job already scored it there, else by running the evaluation now."""
+        """(task kind, test metrics) of ``model_uri`` at ``data_version``: from the model's run
+        when the evaluate job already scored it there, else by running the evaluation now."""
         import mlflow
-        from mlflow import MlflowClient
 
         from lakevision.evaluation.evaluate import run_evaluation
 
         info = mlflow.models.get_model_info(model_uri)
         if info.run_id:
-            run = MlflowClient(self.rt.tracking_uri).get_run(info.run_id)
+            run = mlflow_client(self.rt.tracking_uri).get_run(info.run_id)
             tags = run.data.tags
-            if (tags.get("evaluation.model_uri") == model_uri and tags.get("evaluation.data_version") == str(data_version)
-                    and tags.get("evaluation.task")):
+            if (tags.get(EVAL_MODEL_URI_TAG) == model_uri and tags.get(EVAL_DATA_VERSION_TAG) == str(data_version)
+                    and tags.get(EVAL_KIND_TAG) in KINDS):
                 log.info("reusing the evaluation of %s at data version %s", model_uri, data_version)
-                metrics = {k.removeprefix("test_"): v for k, v in run.data.metrics.items() if k.startswith("test_")}
-                return tags["evaluation.task"], metrics
+                metrics = {k.removeprefix(TEST_PREFIX): v for k, v in run.data.metrics.items()
+                           if k.startswith(TEST_PREFIX)}
+                return tags[EVAL_KIND_TAG], metrics
         result = run_evaluation(self.rt, model_uri, data_version=data_version)
-        return result["task"], _finite(result["metrics"])
-
-    def _compare_metric(self, task: str, metrics: dict[str, float]) -> str:
-        if self.compare_metric:
-            return self.compare_metric
-        for name in COMPARE_METRIC[task]:
-            if name in metrics:
-                return name
-        return COMPARE_METRIC[task][0]
+        return result.kind, _finite(result.metrics)
 
     def evaluate(self, model_uri: str, data_version: int | None = None) -> GateReport:
         """The decision, without registering anything."""
@@ -180,7 +167,7 @@ class MetricGate:
                 raise LakevisionError(f"{self.registry.name}@{CHAMPION} (version {champion.version}) is a {champ_task} "
                                       f"model; {model_uri} is a {task} model")
             report.champion = {"version": champion.version, "model_uri": champion.model_uri, "metrics": champ_metrics}
-            report.comparison = compare_with_champion(metrics, champ_metrics, self._compare_metric(task, metrics),
+            report.comparison = compare_with_champion(metrics, champ_metrics, self.compare_metric or KINDS[task].headline,
                                                       self.min_improvement)
         return report
 
@@ -214,14 +201,14 @@ class MetricGate:
         run_id = mlflow.models.get_model_info(report.model_uri).run_id
         if not run_id:
             return
-        client = mlflow.MlflowClient(self.rt.tracking_uri)
+        client = mlflow_client(self.rt.tracking_uri)
         if report.champion is not None:
             fig = comparison_figure(self.rt, {"challenger": report.model_uri,
                                               f"champion v{report.champion['version']}": report.champion["model_uri"]},
                                     report.data_version)
-            client.log_figure(run_id, fig, "gate/challenger_vs_champion.png")
-            report.artifacts.append("gate/challenger_vs_champion.png")
-        report.artifacts.append("gate/report.json")
-        client.log_text(run_id, json.dumps(report.to_json(), indent=1), "gate/report.json")
-        client.set_tag(run_id, "gate.decision", "passed" if report.passed else "failed")
+            client.log_figure(run_id, fig, GATE_FIGURE_ARTIFACT)
+            report.artifacts.append(GATE_FIGURE_ARTIFACT)
+        report.artifacts.append(GATE_REPORT_ARTIFACT)
+        client.log_text(run_id, json.dumps(report.to_json(), indent=1), GATE_REPORT_ARTIFACT)
+        client.set_tag(run_id, GATE_DECISION_TAG, "passed" if report.passed else "failed")
 

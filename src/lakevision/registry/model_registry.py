@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from lakevision.errors import LakevisionError
 from lakevision.runtime import Runtime
+from lakevision.tracking import mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,11 @@ def registered_name(rt: Runtime, model_name: str) -> str:
 class ModelRegistry:
     def __init__(self, rt: Runtime, model_name: str):
         import mlflow
-        from mlflow import MlflowClient
 
         mlflow.set_tracking_uri(rt.tracking_uri)
         mlflow.set_registry_uri(rt.registry_uri)
         self.name = registered_name(rt, model_name)
-        self.client = MlflowClient(tracking_uri=rt.tracking_uri, registry_uri=rt.registry_uri)
+        self.client = mlflow_client(rt.tracking_uri, rt.registry_uri)
 
     def _version(self, mv) -> ModelVersion:
         return ModelVersion(self.name, str(mv.version), mv.source, mv.run_id)

@@ -16,6 +16,8 @@ from lakevision.registry.model_registry import ModelRegistry, registered_name
 from lakevision.runtime import Runtime
 from lakevision.serving.inference_log import inference_table_prefix
 from lakevision.serving.model_server import DeploymentError, ModelServer, entity_name
+from lakevision.tasks import configured_kind
+from lakevision.tracking import best_training_run, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,10 @@ class DeploymentPipeline:
     def __init__(self, workspace_url: str | None, token: str | None, model_name: str, experiment_name: str,
                  *, runtime: Runtime, task: str | None = None, server: ModelServer | None = None):
         self.rt = runtime
-        self.settings = runtime.config.deployment.deployment
+        self.settings = runtime.config.deployment
         self.model_name = registered_name(runtime, model_name)
         self.experiment_name = experiment_name
-        self.task = task or runtime.config.training.training.task
+        self.task = task or runtime.config.training.task
         self.server = server or ModelServer(
             workspace_url, token, self.model_name,
             retry_timeout_seconds=self.settings.workspace.retry_timeout_seconds,
@@ -39,9 +41,8 @@ class DeploymentPipeline:
     # ------------------------------------------------------------------ steps
     def best_run(self) -> dict[str, Any]:
         """The finished training run of ``task`` with the best headline validation metric."""
-        from lakevision.training.train import best_training_run
-
-        return best_training_run(self.rt, self.task, self.experiment_name)
+        task, kind = configured_kind(self.rt.config.training, self.task)
+        return best_training_run(mlflow_client(self.rt.tracking_uri), self.experiment_name, task, kind)
 
     def _log_requests(self, endpoint: str) -> None:
         """Turn on the endpoint's inference table (idempotent, so every deploy asserts it)."""
@@ -55,7 +56,7 @@ class DeploymentPipeline:
         from pathlib import Path
 
         from lakevision.packaging.pyfunc import encode_image
-        from lakevision.training.dataset import load_split
+        from lakevision.data.samples import load_split
 
         paths = load_split(self.rt, "test").image_paths[:_SMOKE_IMAGES]
         if not paths:
@@ -183,7 +184,7 @@ def run_deployment(rt: Runtime, model_name: str | None = None, endpoint: str | N
     or a secret scope (never from arguments that end up in logs)."""
     from lakevision.serving.client import workspace_connection
 
-    d = rt.config.deployment.deployment
+    d = rt.config.deployment
     name = model_name or d.model_name
     with workspace_connection(rt, host) as (url, token):
         pipeline = DeploymentPipeline(url, token, name, rt.experiment_name, runtime=rt, task=task)

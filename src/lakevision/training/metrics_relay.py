@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from lakevision.tracking import mlflow_client
+
 log = logging.getLogger(__name__)
 _MLFLOW_BATCH = 1000  # metrics per log_batch call, MLflow's limit
 
@@ -66,7 +68,6 @@ class MetricsRelay:
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next drain
         if not end:
             return
-        from mlflow import MlflowClient
         from mlflow.entities import Metric
 
         metrics = []
@@ -74,7 +75,7 @@ class MetricsRelay:
             row = json.loads(raw)
             metrics += [Metric(k, float(v), int(row["timestamp_ms"]), int(row["epoch"]))
                         for k, v in row["metrics"].items()]
-        client = MlflowClient(self.tracking_uri)
+        client = mlflow_client(self.tracking_uri)
         for i in range(0, len(metrics), _MLFLOW_BATCH):
             client.log_batch(self.run_id, metrics=metrics[i:i + _MLFLOW_BATCH])
         self.epochs_logged += len(data[:end].splitlines())

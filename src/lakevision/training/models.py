@@ -131,10 +131,6 @@ def segmentation_model(name: str, num_classes: int, weights: str = "none", image
     return model
 
 
-def is_semantic(name: str) -> bool:
-    return name.startswith("deeplab")
-
-
 def build_model(task: str, name: str, num_classes: int, weights: str = "none", image_size: int = 320,
                 rois_per_image: int = 512, rpn_proposals: int = 2000) -> nn.Module:
     if task == "classification":

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lakevision.training.dataset import IGNORE_INDEX
+from lakevision.data.dataset import IGNORE_INDEX
+from lakevision.tasks import TRAINING_TASKS
 
-TASKS = ("classification", "detection", "segmentation")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -52,8 +52,8 @@ class BaseModel(pl.LightningModule):
         min_lr_ratio: float = 0.05,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task not in TRAINING_TASKS:
+            raise ValueError(f"task must be one of {TRAINING_TASKS}, got {task!r}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.task = task

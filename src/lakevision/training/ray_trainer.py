@@ -22,15 +22,16 @@ from typing import Any
 import pytorch_lightning as pl
 
 from lakevision.config import Training
-from lakevision.training.dataset import COCODataset, SplitRecords, build_transform, worker_collate_fn
+from lakevision.tasks import task_kind
+from lakevision.data.dataset import COCODataset, worker_collate_fn
+from lakevision.data.samples import SplitRecords
+from lakevision.data.transforms import build_transform
+from lakevision.tracking import mlflow_client
 from lakevision.training.metrics_relay import MetricsRelay, append_epoch
 from lakevision.training.ray_cluster import ray_cluster
 
 log = logging.getLogger(__name__)
 
-# What "best" means per task (metric, mode); val_loss when the metric is missing.
-BEST_METRIC = {"classification": ("val_acc", "max"), "detection": ("val_map_50", "max"),
-               "segmentation": ("val_map_50", "max"), "semantic": ("val_miou", "max")}
 
 
 class _EpochLogger(pl.Callback):
@@ -154,7 +155,8 @@ class RayTrainer:
         s = self.settings
         semantic = bool(getattr(self.model, "semantic", False))
         task = getattr(self.model, "task", s.task)
-        metric, mode = BEST_METRIC["semantic" if semantic else task]
+        kind = task_kind(task, semantic)  # its validation metric says which epoch was best; val_loss without it
+        metric, mode = kind.val_metric, "max" if kind.greater_is_better else "min"
         storage = Path(config.get("storage_path") or tempfile.mkdtemp(prefix="lakevision-ckpt-")).resolve()
         name = config.get("name") or f"lakevision-{task}-{int(time.time())}"
         run_id = config.get("run_id")
@@ -206,9 +208,7 @@ class RayTrainer:
         """Per-epoch values: from the MLflow run when there is one (every epoch), else from the
         checkpoints Ray kept."""
         if run_id:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(tracking_uri)
+            client = mlflow_client(tracking_uri)
             keys = client.get_run(run_id).data.metrics
             return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: (m.step, m.timestamp))]
                     for k in keys}

@@ -2,68 +2,65 @@
 
 ``main``-style entry: :func:`run_training` takes a :class:`Runtime`, does one read of each split,
 builds the torchvision model for the task, trains it with :class:`RayTrainer` and logs parameters,
-lineage, per-epoch metrics and the best checkpoint's model to MLflow.
+lineage, per-epoch metrics, the best checkpoint's packaged model and the reference profile the
+monitor compares traffic with to MLflow.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lakevision.data.image_profile import ImageProfile, embed_images
-from lakevision.errors import DataError, LakevisionError
+from lakevision.errors import DataError
 from lakevision.runtime import Runtime
-from lakevision.tracking import ExperimentTracker
+from lakevision.tasks import is_semantic, task_kind
+from lakevision.tracking import (BEST_PREFIX, CONVERGENCE_TAG, MODEL_URI_TAG, OVERFITTING_TAG, REFERENCE_PROFILE_ARTIFACT,
+                                 TASK_TAG, TRAINING_RESULT_ARTIFACT, ExperimentTracker)
 from lakevision.packaging.exports import log_exports
 from lakevision.packaging.pyfunc import ServingSpec, log_image_model
-from lakevision.training.dataset import SplitRecords, load_rgb, load_split
-from lakevision.training.models import build_model, is_semantic
+from lakevision.data.images import load_rgb
+from lakevision.data.samples import SplitRecords, load_split
+from lakevision.training.models import build_model
 from lakevision.training.module import BaseModel
-from lakevision.training.ray_trainer import BEST_METRIC, RayTrainer
+from lakevision.training.ray_trainer import RayTrainer
 from lakevision.training.report import training_report
 
 log = logging.getLogger(__name__)
 
-MODEL_URI_TAG = "lakevision.model_uri"
-# the training images' statistics and embeddings, which the monitor job compares traffic with
-REFERENCE_PROFILE_ARTIFACT = "monitoring/reference_profile.json"
-_REFERENCE_IMAGES = 500
-TASK_TAG = "lakevision.task"
-
-
-class NoRunError(LakevisionError, LookupError):
-    """No finished training run to pick."""
-
-
-def best_training_run(rt: Runtime, task: str, experiment_name: str | None = None) -> dict[str, Any]:
-    """The finished training run of ``task`` with the best headline validation metric (the
-    ``best_<metric>`` this job logs): its run id, model URI, metric name and value."""
-    from mlflow import MlflowClient
-
-    experiment_name = experiment_name or rt.experiment_name
-    client = MlflowClient(rt.tracking_uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        raise NoRunError(f"experiment {experiment_name!r} does not exist; run `lakevision train` first")
-    arch = getattr(rt.config.training.training.model.architectures, task)
-    metric = f"best_{BEST_METRIC['semantic' if is_semantic(arch) else task][0]}"
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"attributes.status = 'FINISHED' and tags.`{TASK_TAG}` = '{task}'",
-                              order_by=[f"metrics.{metric} DESC"], max_results=1)
-    if not runs or MODEL_URI_TAG not in runs[0].data.tags:
-        raise NoRunError(f"experiment {experiment_name!r} has no finished {task} training run with a model")
-    run = runs[0]
-    return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "metric": metric,
-            "value": run.data.metrics.get(metric)}
+_REFERENCE_IMAGES = 500  # training images the monitor's reference profile is drawn from
 _EXPORT_SAMPLES = 2  # validation images each export is compared with the eager model on
 
 
+@dataclass
+class TrainingResult:
+    """One training run: where it is in MLflow, what it learned and from which data."""
+
+    run_id: str
+    model_uri: str
+    task: str
+    kind: str  # a lakevision.tasks kind: semantic segmentation is a kind of its own
+    architecture: str
+    metrics: dict[str, float]  # the last epoch's
+    best_metric: dict[str, Any]  # name, value and mode of the kind's validation metric at its best epoch
+    data_version: int
+    data_table: str
+    checkpoint_path: str | None
+    cluster: str  # where Ray ran: local or ray_on_spark
+    exports: dict[str, bool]  # export format -> passed its parity check
+    report: dict[str, Any]  # convergence epoch, overfitting warning
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def run_training(rt: Runtime, task: str | None = None, data_version: int | None = None,
-                 log_to_driver: bool = True) -> dict[str, Any]:
-    settings = rt.config.training.training
+                 log_to_driver: bool = True) -> TrainingResult:
+    settings = rt.config.training
     task = task or settings.task
     settings = settings.model_copy(update={"task": task})
     train = load_split(rt, "train", data_version)
@@ -88,7 +85,7 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         tracker.log_parameters({"task": task, "architecture": arch, "num_classes": num_classes,
                                 "categories": dict(zip(train.category_ids, train.category_names)),
                                 "training": settings.model_dump(mode="json"),
-                                "data_processing": rt.config.data.data_processing.model_dump(mode="json"),
+                                "data_processing": rt.config.data.model_dump(mode="json"),
                                 "use_gpu_effective": use_gpu})
         for name, split in (("train", train), ("val", val)):
             tracker.log_dataset(split.table, split.version, name, [{"image_id": a["image_id"]} for a in split.annotations])
@@ -104,32 +101,21 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
                          REFERENCE_PROFILE_ARTIFACT)
         best = result["best_metric"]
         if best["value"] is not None:
-            tracker.log_metrics({f"best_{best['name']}": best["value"]})
-        tracker.log_dict({**result, "model_uri": info.model_uri}, "training_result.json")
-        metric, _ = BEST_METRIC["semantic" if semantic else task]
-        text, figure, summary = training_report(result["metrics_history"], metric)
+            tracker.log_metrics({BEST_PREFIX + best["name"]: best["value"]})
+        tracker.log_dict({**result, "model_uri": info.model_uri}, TRAINING_RESULT_ARTIFACT)
+        kind = task_kind(task, semantic)
+        text, figure, summary = training_report(result["metrics_history"], kind.val_metric)
         tracker.log_report(text, figure, "training")
         if summary["warning"]:
             log.warning("%s", summary["warning"])
         tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task,
-                          "training.convergence_epoch": str(summary["convergence_epoch"]),
-                          "training.overfitting": str(summary["overfitting"]).lower()})
-    final = {k: v[-1] for k, v in result["metrics_history"].items() if v}
-    return {
-        "run_id": tracker.run_id,
-        "model_uri": info.model_uri,
-        "task": task,
-        "architecture": arch,
-        "metrics": final,
-        "best_metric": best,
-        "primary_metric": metric,
-        "data_version": train.version,
-        "data_table": train.table,
-        "checkpoint_path": result["checkpoint_path"],
-        "cluster": result["cluster"],
-        "exports": {c.format: c.passed for c in exports},
-        "report": summary,
-    }
+                          CONVERGENCE_TAG: str(summary["convergence_epoch"]),
+                          OVERFITTING_TAG: str(summary["overfitting"]).lower()})
+    return TrainingResult(
+        run_id=tracker.run_id, model_uri=info.model_uri, task=task, kind=kind.name, architecture=arch,
+        metrics={k: v[-1] for k, v in result["metrics_history"].items() if v}, best_metric=best,
+        data_version=train.version, data_table=train.table, checkpoint_path=result["checkpoint_path"],
+        cluster=result["cluster"], exports={c.format: c.passed for c in exports}, report=summary)
 
 
 def reference_profile(model: torch.nn.Module, records: SplitRecords, image_size: int,
@@ -148,8 +134,8 @@ def _log_packaged_model(rt: Runtime, model: torch.nn.Module, task: str, arch: st
                         train: SplitRecords, val: SplitRecords):
     """The serving pyfunc (with a real validation image as its input example) and the checked
     TorchScript/ONNX exports, into the active run."""
-    serving = rt.config.deployment.deployment.serving
-    spec = ServingSpec(task=task, semantic=semantic, image_size=rt.config.training.training.data.image_size,
+    serving = rt.config.deployment.serving
+    spec = ServingSpec(task=task, semantic=semantic, image_size=rt.config.training.data.image_size,
                        category_ids=train.category_ids, category_names=train.category_names,
                        score_threshold=serving.score_threshold, mask_threshold=serving.mask_threshold,
                        max_image_pixels=serving.max_image_pixels, max_batch_size=serving.max_batch_size,

@@ -1,9 +1,9 @@
 """COCODataset: images and COCO annotations as torch tensors in torchvision's target formats.
 
 Records come either from the caller (paths + per-image annotation dicts) or from the gold
-``samples`` Delta table at a chosen version (:func:`load_split`). Images are read with PIL, turned
-upright by their EXIF orientation and converted to RGB; albumentations moves boxes and masks with
-every geometric transform.
+``samples`` Delta table at a chosen version (:func:`lakevision.data.samples.load_split`). Images
+are read upright and RGB (:mod:`lakevision.data.images`); albumentations moves boxes and masks
+with every geometric transform.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from lakevision.errors import LakevisionError
+from lakevision.data.images import annotation_mask, load_rgb
+from lakevision.data.samples import load_split
+from lakevision.tasks import TRAINING_TASKS
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -29,61 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TASKS = ("classification", "detection", "segmentation")
 IGNORE_INDEX = 255  # semantic masks: crowd regions are neither background nor object
 _MIN_BOX_SIDE = 1.0
-
-
-class ImageLoadError(LakevisionError, RuntimeError):
-    """An image that ingest accepted can no longer be read (changed or removed since)."""
-
-
-def upright_rgb(im: Image.Image) -> np.ndarray:
-    """An opened image as an upright (EXIF-oriented) RGB uint8 array (H, W, 3): the one
-    conversion training, evaluation and serving share."""
-    return np.array(ImageOps.exif_transpose(im).convert("RGB"))  # writable, as torch wants
-
-
-def load_rgb(path: str) -> np.ndarray:
-    """The image file as an upright RGB uint8 array (H, W, 3)."""
-    try:
-        with Image.open(path) as im:
-            return upright_rgb(im)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageLoadError(f"{path}: cannot load image: {exc}") from exc
-
-
-def segmentation_to_rle(seg: Any, height: int, width: int) -> dict | None:
-    """A COCO RLE for any of: a list of polygons, an RLE dict (compressed or not), or the
-    ``samples`` table struct ``{polygons, rle_counts, rle_size}``."""
-    if seg is None:
-        return None
-    if isinstance(seg, dict) and ("polygons" in seg or "rle_counts" in seg):
-        if seg.get("rle_counts"):
-            return {"counts": seg["rle_counts"].encode("ascii"), "size": list(seg["rle_size"])}
-        seg = seg.get("polygons")
-        if seg is None:
-            return None
-    if isinstance(seg, dict):
-        rle = seg if not isinstance(seg["counts"], list) else mask_utils.frPyObjects(seg, height, width)
-        if isinstance(rle["counts"], str):
-            rle = {"counts": rle["counts"].encode("ascii"), "size": rle["size"]}
-        return rle
-    polys = [list(map(float, p)) for p in seg if len(p) >= 6]
-    if not polys:
-        return None
-    return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
-
-
-def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
-    """A (H, W) uint8 mask; a box-shaped one when the annotation has no segmentation."""
-    rle = segmentation_to_rle(ann.get("segmentation"), height, width)
-    if rle is not None:
-        return mask_utils.decode(rle)
-    x, y, w, h = ann["bbox"]
-    m = np.zeros((height, width), np.uint8)
-    m[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = 1
-    return m
 
 
 def _label_for_image(anns: list[dict], rule: str) -> int | None:
@@ -96,20 +42,6 @@ def _label_for_image(anns: list[dict], rule: str) -> int | None:
     if rule == "most_common":
         return Counter(a["category_id"] for a in objs).most_common(1)[0][0]
     return max(objs, key=lambda a: a.get("area") or a["bbox"][2] * a["bbox"][3])["category_id"]
-
-
-def build_transform(task: str, image_size: int, train: bool, augment: bool = True, semantic: bool = False) -> A.Compose:
-    """The default albumentations pipeline for a task (the model's own transform does the rest:
-    torchvision detection models resize and normalize inside)."""
-    import albumentations as A
-
-    aug = [A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=0.3)] if train and augment else []
-    if task == "classification" or semantic:
-        return A.Compose([A.Resize(image_size, image_size), *aug, A.Normalize()])
-    return A.Compose(
-        [A.LongestMaxSize(max_size=image_size), *aug],
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "ann_index"], clip=True),
-    )
 
 
 class COCODataset(Dataset):
@@ -131,8 +63,8 @@ class COCODataset(Dataset):
         label_rule: str = "largest",
         semantic: bool = False,
     ):
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task not in TRAINING_TASKS:
+            raise ValueError(f"task must be one of {TRAINING_TASKS}, got {task!r}")
         if len(image_paths) != len(annotations):
             raise ValueError(f"{len(image_paths)} image paths but {len(annotations)} annotation records")
         self.task = task
@@ -252,44 +184,3 @@ def worker_collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
     :meth:`BaseModel.on_after_batch_transfer` turns them back into tensors on the device."""
     images, targets = collate_fn(batch)
     return images, [{k: v.numpy() for k, v in t.items()} for t in targets]
-
-
-@dataclass
-class SplitRecords:
-    """Everything a worker needs to build a dataset, without Spark: plain, picklable lists."""
-
-    image_paths: list[str]
-    annotations: list[dict]
-    category_ids: list[int]
-    category_names: list[str]
-    table: str
-    version: int
-
-
-def load_split(rt: Runtime, split: str | Sequence[str], version: int | None = None) -> SplitRecords:
-    """Rows of the gold ``samples`` table at ``version`` (default latest) for ``split``."""
-    from pyspark.sql import functions as F
-
-    from lakevision import delta
-
-    ref = rt.table("samples")
-    if not delta.table_exists(rt.spark, ref):
-        raise FileNotFoundError(f"{ref.location}: no samples table; run `lakevision ingest` first")
-    version = delta.table_version(rt.spark, ref) if version is None else int(version)
-    splits = [split] if isinstance(split, str) else list(split)
-    rows = (delta.read_table(rt.spark, ref, version)
-            .filter(F.col("split").isin(splits))
-            .select("image_id", "path", "width", "height", "annotations")
-            .orderBy("image_id")
-            .collect())
-    cats = delta.read_table(rt.spark, rt.table("categories")).orderBy("id").collect()
-    records = [{"image_id": r["image_id"], "width": r["width"], "height": r["height"],
-                "annotations": [a.asDict(recursive=True) for a in (r["annotations"] or [])]} for r in rows]
-    return SplitRecords(
-        image_paths=[r["path"] for r in rows],
-        annotations=records,
-        category_ids=[c["id"] for c in cats],
-        category_names=[c["name"] for c in cats],
-        table=ref.location,
-        version=version,
-    )
