@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,14 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src jobs tests benchmarks notebooks
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
+
+# The unit tier: no Ray, no JVM, no training; under 3 minutes.
+test-fast: setup
+	$(BIN)/ruff check src jobs tests benchmarks notebooks
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/ingest.py

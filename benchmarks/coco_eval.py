@@ -23,9 +23,11 @@ import contextlib
 import copy
 import io
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import faster_coco_eval
 import numpy as np
@@ -35,7 +37,9 @@ from pycocotools.cocoeval import COCOeval
 
 from lakevision.evaluation import DetectionMetrics, SegmentationMetrics
 from lakevision.evaluation.coco import STAT_KEYS
-from lakevision.evaluation.synthetic import coco_dataset, coco_results, synthetic_detections
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' data generator
+from tests.coco_synthetic import coco_dataset, coco_results, synthetic_detections  # noqa: E402
 
 NUM_CLASSES = 3
 TOL = 1e-9

@@ -50,3 +50,10 @@ def ingested_runtime(spark, tmp_path_factory):
     rt = Runtime(config=load_config(CONFIG_DIR, "local"), spark=spark, kind="local", root=base / "root")
     run_ingest(rt, str(ds.annotation_file), str(ds.image_dir))
     return rt
+
+
+def pytest_collection_modifyitems(items):
+    """Everything not marked slow is the unit tier (`make test-fast`)."""
+    for item in items:
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)

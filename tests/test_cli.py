@@ -17,6 +17,8 @@ from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # ingest processes, one killed
+
 TABLES = ("images", "annotations", "categories", "quarantine", "samples")
 
 

@@ -28,6 +28,8 @@ from lakevision.data.samples import load_split
 from .conftest import CONFIG_DIR
 from .models import corrupt_weights, log_trained_model
 
+pytestmark = pytest.mark.slow  # a workspace serving models
+
 TOKEN = "local-test-token"
 NAME = "deploy_test_model"
 

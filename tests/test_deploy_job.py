@@ -16,6 +16,8 @@ from lakevision.registry.model_registry import CHAMPION, ModelRegistry
 from .conftest import REPO
 from .models import log_trained_model
 
+pytestmark = pytest.mark.slow  # deploy jobs as processes
+
 FAST = ["--task", "classification", "--set", "deployment.canary.smoke_requests=4", "--json"]
 
 

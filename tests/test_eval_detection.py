@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from lakevision.evaluation import DetectionMetrics
 from lakevision.evaluation.coco import STAT_KEYS
-from lakevision.evaluation.synthetic import coco_dataset, coco_results, synthetic_detections
+from .coco_synthetic import coco_dataset, coco_results, synthetic_detections
 
 TOL = 1e-9
 NUM_CLASSES = 5  # categories 1..5: 4 occurs only in predictions, 5 nowhere

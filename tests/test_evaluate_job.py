@@ -17,9 +17,12 @@ from lakevision import delta
 from lakevision.data.ingest import run_ingest
 from lakevision.data.synthetic import generate_dataset
 from lakevision.errors import DataError
-from lakevision.evaluation.evaluate import ModelLoadError, run_evaluation
+from lakevision.evaluation.evaluate import run_evaluation
+from lakevision.packaging.pyfunc import ModelLoadError
 from lakevision.tracking import ExperimentTracker
 from lakevision.training.models import build_model
+
+pytestmark = pytest.mark.slow  # trained models scored
 
 
 @pytest.fixture

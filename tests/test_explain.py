@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from lakevision.errors import LakevisionError
-from lakevision.evaluation.evaluate import ModelLoadError
+from lakevision.packaging.pyfunc import ModelLoadError
 from lakevision.evaluation.explain import (
     ExplainError,
     box_saliencies,
@@ -26,6 +26,8 @@ from lakevision.evaluation.explain import (
 from lakevision.packaging.pyfunc import ServingSpec, load_image_model, log_image_model
 from lakevision.data.images import load_rgb
 from lakevision.training.models import build_model
+
+pytestmark = pytest.mark.slow  # training a toy model
 
 CATS = ([1, 2, 3], ["circle", "square", "triangle"])
 

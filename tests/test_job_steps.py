@@ -207,3 +207,15 @@ def test_uc_tag_keys_refused(key):
 def test_gate_tag_keys_pass_the_uc_rule():
     check_tag_key("gate_decision")
     assert tag_key("gate_metric", "ap_my-class.v2") == "gate_metric_ap_my_class_v2"
+
+
+def test_the_command_line_starts_without_the_ml_stack():
+    """`lakevision bundle validate` and `--help` must not pay for torch, Spark or MLflow: every step's
+    library is imported only when the step runs."""
+    import subprocess
+
+    code = ("import sys, lakevision.cli; lakevision.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'pyspark', 'mlflow', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -28,6 +28,8 @@ from .conftest import CONFIG_DIR
 from .models import log_trained_model
 from .mini_bundle import mini_bundle, nb
 
+pytestmark = pytest.mark.slow  # a deployment and its traffic
+
 TOKEN = "monitor-test-token"
 ENDPOINT = "monitored"
 

@@ -19,6 +19,8 @@ from lakevision.data.synthetic import DEFECT_CODES
 
 from .conftest import CONFIG_DIR, REPO
 
+pytestmark = pytest.mark.slow  # the five notebooks, training included
+
 NOTEBOOK_DIR = REPO / "notebooks"
 # a checkout's notebooks use the bundle's local target, development presets included, as its jobs do
 _LOCAL = load_bundle(REPO, "local", local_files=True, user=getpass.getuser()).resources  # DATABRICKS_* is cleared below

@@ -20,6 +20,8 @@ from lakevision.training.models import build_model
 
 from .models import log_trained_model
 
+pytestmark = pytest.mark.slow  # models logged and exported
+
 CATS = ([1, 2, 3], ["circle", "square", "triangle"])
 
 

@@ -17,6 +17,8 @@ from lakevision.data.synthetic import generate_dataset
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # the whole cv_pipeline job twice
+
 TINY = {
     "training": {"data": {"image_size": 64, "batch_size": 2, "loader_workers": 0},
                  "optimization": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 2,

@@ -15,6 +15,8 @@ from lakevision.data.transforms import build_transform
 from lakevision.training.models import WeightsUnavailableError, build_model
 from lakevision.training.module import BaseModel, warmup_cosine
 
+pytestmark = pytest.mark.slow  # every architecture trained for a step
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):

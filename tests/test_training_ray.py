@@ -25,6 +25,8 @@ from lakevision.training.ray_cluster import processes_matching
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # Ray clusters and training
+
 FAST = ["--set", "training.distributed.num_workers=2", "--set", "training.data.loader_workers=0",
         "--set", "training.optimization.early_stopping_patience=null"]
 

@@ -41,7 +41,8 @@ from lakevision.local.workspace.process import TOKEN_ENV, local_workspace_proces
 from lakevision.tracking import local_tracking_uri
 
 # MLflow's advice to log an input example: these test models need none
-pytestmark = pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")]
 
 TOKEN = "local-test-token"
 MODEL = "lakevision.version_model"  # the dot checks the default served entity name

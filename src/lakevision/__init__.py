@@ -30,6 +30,7 @@ _EXPORTS = {
     "ModelRegistry": "lakevision.registry.model_registry",
     "ModelServer": "lakevision.serving.model_server",
     "DeploymentPipeline": "lakevision.serving.pipeline",
+    "ModelMonitor": "lakevision.monitoring.drift",
     "LocalWorkspace": "lakevision.local.workspace.endpoints",
 }
 

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lakevision.errors import LakevisionError
 from lakevision.runtime import TableRef
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 
-class SchemaDriftError(RuntimeError):
+class SchemaDriftError(LakevisionError, RuntimeError):
     """A write left the table with other columns than the data had (see Sail's dropped-column bug)."""
 
 

@@ -21,6 +21,7 @@ from lakevision import delta
 from lakevision.config import DataProcessing
 from lakevision.data.coco_json import CocoTables, read_coco
 from lakevision.data.image_check import CHECK_SCHEMA, make_checker
+from lakevision.errors import LakevisionError
 from lakevision.runtime import TableRef
 
 if TYPE_CHECKING:
@@ -49,8 +50,8 @@ _CONTENT = {
 }
 
 
-class NotLoadedError(RuntimeError):
-    pass
+class NotLoadedError(LakevisionError, RuntimeError):
+    """A processor step asked for before load_annotations."""
 
 
 def _with_hash(df: DataFrame, table: str) -> DataFrame:

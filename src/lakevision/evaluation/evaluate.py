@@ -21,8 +21,9 @@ import torch
 
 from lakevision import delta
 from lakevision.evaluation import ClassificationMetrics, DetectionMetrics, SegmentationMetrics
-from lakevision.errors import DataError, LakevisionError
+from lakevision.errors import DataError
 from lakevision.figures import new_figure
+from lakevision.packaging.pyfunc import ModelLoadError, load_image_model
 from lakevision.runtime import Runtime
 from lakevision.tasks import task_kind
 from lakevision.tracking import (EVAL_DATA_VERSION_TAG, EVAL_KIND_TAG, EVAL_MODEL_URI_TAG, EVAL_TASK_TAG,
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 PREDICTIONS_TABLE = "predictions"
 _MASK_THRESHOLD = 0.5
 _GRID = 6  # images in each figure grid
-
-
-class ModelLoadError(LakevisionError, RuntimeError):
-    pass
 
 
 @dataclass
@@ -65,8 +62,6 @@ def _load_model(model_uri: str):
     also carries the spec explanations need; a plain pytorch-flavor model has none."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from lakevision.packaging.pyfunc import load_image_model
 
     try:
         info = mlflow.models.get_model_info(model_uri)

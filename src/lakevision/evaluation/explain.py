@@ -236,21 +236,6 @@ def _save_panels(panels: list[tuple[str, np.ndarray | Image.Image]], out_path: s
 
 
 # ---------------------------------------------------------------------- a logged model on an image file
-def load_explainable(model_uri: str) -> ImageModel:
-    """The serving pyfunc's :class:`ImageModel`: the torch module and the spec that says how it was
-    trained (task, input size, categories), loaded once. Fails like evaluate's loader does."""
-    from mlflow.exceptions import MlflowException
-
-    from lakevision.evaluation.evaluate import ModelLoadError
-    from lakevision.packaging.pyfunc import load_image_model
-
-    try:
-        return load_image_model(model_uri)
-    except (MlflowException, OSError, AttributeError) as exc:
-        raise ModelLoadError(f"{model_uri}: cannot load a lakevision serving model (the pyfunc the train job "
-                             f"logs, which carries the serving spec explanations need): {exc}") from None
-
-
 def _explain_dense(model: nn.Module, image: np.ndarray, x: torch.Tensor, spec: ServingSpec) -> tuple[dict, list]:
     from lakevision.packaging.pyfunc import to_response
 
@@ -300,7 +285,9 @@ def explain_image(model_uri: str, image_path: str, out_path: str, box: int | Non
     if not Path(image_path).is_file():
         raise ExplainError(f"{image_path}: no such image file")
     image = load_rgb(image_path)  # raises naming the file when PIL cannot read it
-    image_model = load_explainable(model_uri)
+    from lakevision.packaging.pyfunc import load_image_model
+
+    image_model = load_image_model(model_uri)
     try:
         result, panels = explain_array(image_model, image, box)
     except ExplainError as exc:

@@ -9,8 +9,6 @@ from typing import Any
 from lakevision.jobs.base import Step, common_arguments, job_runtime, optional_str
 from lakevision.tasks import TRAINING_TASKS
 from lakevision.jobs.gate import gate_lines
-from lakevision.registry.gate import GateFailedError
-from lakevision.serving.model_server import DeploymentError
 
 
 def route_line(state: dict[str, Any]) -> str:
@@ -48,6 +46,9 @@ class DeployStepResult:
         return lines
 
     def raise_for_status(self) -> None:
+        from lakevision.registry.gate import GateFailedError
+        from lakevision.serving.model_server import DeploymentError
+
         r = self.report
         if r["status"] == "gate_failed":
             raise GateFailedError(r["gate"]["message"])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lakevision.errors import LakevisionError
-from lakevision.evaluation.evaluate import EvaluationResult
 from lakevision.jobs.base import (Step, common_arguments, data_version_argument, job_runtime, optional_str,
                                   task_argument)
+
+if TYPE_CHECKING:
+    from lakevision.evaluation.evaluate import EvaluationResult
 
 
 @dataclass

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lakevision.jobs.base import Step, common_arguments, data_version_argument, job_runtime, optional_str
-from lakevision.registry.gate import GateFailedError, GateReport
+
+if TYPE_CHECKING:
+    from lakevision.registry.gate import GateReport
 
 
 def gate_lines(gate: dict[str, Any]) -> list[str]:
@@ -46,6 +48,8 @@ class GateStepResult:
     def raise_for_status(self) -> None:
         # in a job the failed gate is an outcome the condition task reads, so the task stays green
         if not self.report.passed and not self.continue_on_fail:
+            from lakevision.registry.gate import GateFailedError
+
             raise GateFailedError(self.report.message())
 
 

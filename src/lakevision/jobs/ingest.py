@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lakevision.data.ingest import IngestResult
 from lakevision.jobs.base import Step, common_arguments, job_runtime
+
+if TYPE_CHECKING:
+    from lakevision.data.ingest import IngestResult
 
 
 @dataclass

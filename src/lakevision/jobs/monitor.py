@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lakevision.bundle.task_context import find_bundle_root
 from lakevision.errors import LakevisionError
 from lakevision.jobs.base import Step, common_arguments, job_runtime, optional_str
 from lakevision.jobs.deploy import route_line
-from lakevision.monitoring.monitor import MonitorReport
+
+if TYPE_CHECKING:
+    from lakevision.monitoring.monitor import MonitorReport
 
 
 class EndpointUnhealthyError(LakevisionError):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lakevision.jobs.base import Step, common_arguments, data_version_argument, job_runtime, task_argument
-from lakevision.training.train import TrainingResult
+
+if TYPE_CHECKING:
+    from lakevision.training.train import TrainingResult
 
 
 @dataclass

@@ -23,6 +23,8 @@ import mlflow
 import numpy as np
 import torch
 
+from lakevision.errors import LakevisionError
+
 IMAGE_COLUMN = "image"
 SPEC_FILE = "serving_spec.json"
 MODEL_FILE = "model.pt"
@@ -251,6 +253,15 @@ def log_image_model(model: torch.nn.Module, spec: ServingSpec, example_image: by
         )
 
 
+class ModelLoadError(LakevisionError, RuntimeError):
+    """A model URI that does not lead to a loadable model."""
+
+
 def load_image_model(model_uri: str) -> ImageModel:
     """The logged pyfunc's :class:`ImageModel` (the torch module and its spec)."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().image_model
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().image_model
+    except (MlflowException, OSError, AttributeError) as exc:
+        raise ModelLoadError(f"{model_uri}: cannot load the model: {exc}") from None
