@@ -13,7 +13,7 @@ from typing import Any
 from lakevision.bundle.loader import load_bundle
 from lakevision.local.job_runner import SUCCESS, JobRun, LocalJobRunner
 from lakevision.local.bundle_cli import print_task_progress
-from lakevision.runtime import local_root
+from lakevision.runtime import LocalLayout, local_root
 
 DEMO_JOB = "cv_pipeline"
 DEMO_TARGET = "local"
@@ -69,8 +69,8 @@ def _report(run: JobRun, root: Path, sample: dict | None) -> list[str]:
         lines.append(f"sample query ({Path(sample['image']).name}, {sample['latency_ms']} ms, {sample['served_by']}): "
                      f"{len(boxes)} boxes; top: " + "; ".join(f"{c} {s:.2f} {[round(x) for x in b]}" for s, c, b in top))
     lines.append(f"task logs: {run.run_dir}")
-    lines.append(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} "
-                 f"--default-artifact-root {root / 'mlruns'}")
+    layout = LocalLayout(root)
+    lines.append(f"MLflow UI: mlflow ui --backend-store-uri {layout.tracking_uri} --default-artifact-root {layout.artifacts}")
     return lines
 
 

@@ -30,7 +30,7 @@ from lakevision.bundle.loader import Bundle, BundleError, Problem
 from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VALUES_ENV, widget_env
 from lakevision.local.bundle_validate import DYNAMIC_REF, notebook_file, validate_bundle
 from lakevision.errors import LakevisionError
-from lakevision.runtime import ROOT_ENV
+from lakevision.runtime import ROOT_ENV, LocalLayout
 
 SUCCESS, FAILED, UPSTREAM_FAILED, EXCLUDED, TIMED_OUT = "SUCCESS", "FAILED", "UPSTREAM_FAILED", "EXCLUDED", "TIMED_OUT"
 _LOG_TAIL_LINES = 12
@@ -356,7 +356,7 @@ class LocalJobRunner:
             raise JobRunError(f"job {job_key!r} has no parameter {unknown[0]!r}; parameters: {sorted(defaults)}")
         params = {**defaults, **(parameters or {})}
         run_id = time.time_ns() // 1_000_000
-        run_dir = self.root / "runs" / job_key / str(run_id)
+        run_dir = LocalLayout(self.root).job_runs(job_key) / str(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         deadline = started + job["timeout_seconds"] if job.get("timeout_seconds") else None

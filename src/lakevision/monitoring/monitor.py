@@ -25,7 +25,7 @@ from lakevision.monitoring.drift import DriftReport, ModelMonitor, RetrainDecisi
 from lakevision.monitoring.endpoint_stats import endpoint_stats, recent_requests, write_stats
 from lakevision.monitoring.health import endpoint_health
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
-from lakevision.runtime import Runtime
+from lakevision.runtime import LocalLayout, Runtime
 from lakevision.tasks import task_kind
 from lakevision.tracking import REFERENCE_PROFILE_ARTIFACT, TEST_PREFIX, mlflow_client
 
@@ -121,7 +121,7 @@ def write_drift(rt: Runtime, endpoint: str, version: str, report: DriftReport | 
 
 def last_run_parameters(root: Path, job: str) -> dict[str, str]:
     """The parameters of ``job``'s newest local run, so a triggered run reads the same data."""
-    runs = sorted((root / "runs" / job).glob("*/run.json"), key=lambda p: int(p.parent.name))
+    runs = sorted(LocalLayout(root).job_runs(job).glob("*/run.json"), key=lambda p: int(p.parent.name))
     return json.loads(runs[-1].read_text())["parameters"] if runs else {}
 
 
@@ -136,7 +136,7 @@ def trigger_retrain(rt: Runtime, job: str, bundle_dir: str | os.PathLike = ".") 
         run = WorkspaceClient().jobs.run_now(job_id=int(job))
         return {"job": job, "run_id": run.run_id}
     params = last_run_parameters(rt.root, job)
-    log_path = rt.root / "runs" / job / f"triggered-{time.time_ns() // 1_000_000}.log"
+    log_path = rt.layout.job_runs(job) / f"triggered-{time.time_ns() // 1_000_000}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "lakevision.cli", "bundle", "run", job, "-t", "local", "--bundle", str(bundle_dir),
            "--root", str(rt.root), *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]

@@ -54,6 +54,7 @@ from lakevision.local.workspace.app import build_app
 from lakevision.local.workspace.serving import Endpoint, LoadedModel, ModelCache, Serving, load_model
 from lakevision.serving.endpoint_metrics import RequestStats, RequestWindow, render_endpoint_metrics
 from lakevision.serving.inference_log import InferenceLogger, inference_row, payload_table_name
+from lakevision.runtime import LocalLayout
 from lakevision.tracking import local_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class LocalWorkspace:
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         self.url: str | None = None
-        self._records_dir = self.root / "workspace" / "endpoints"
+        self._records_dir = LocalLayout(self.root).endpoint_records
         self._records_dir.mkdir(parents=True, exist_ok=True)
         self._token = token.encode()
         self._rng = random.Random(seed)
@@ -285,7 +286,7 @@ class LocalWorkspace:
         table = (record.get("ai_gateway") or {}).get("inference_table_config") or {}
         if not table.get("enabled"):
             return None
-        path = self.root / "tables" / table["schema_name"] / payload_table_name(table["table_name_prefix"])
+        path = LocalLayout(self.root).table(table["schema_name"], payload_table_name(table["table_name_prefix"]))
         with self._lock:
             if path not in self._loggers:
                 self._loggers[path] = InferenceLogger(path)
