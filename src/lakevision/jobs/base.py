@@ -32,6 +32,20 @@ class StepResult(Protocol):
         """Raise the step's own error when it failed, so the task fails."""
 
 
+@dataclass
+class WrappedResult:
+    """A step result over the library's own result (anything with ``to_json()``); a subclass adds
+    the task values and the summary."""
+
+    result: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return self.result.to_json()
+
+    def raise_for_status(self) -> None:
+        """A step whose library call returned finished: a failure raised on the way."""
+
+
 @dataclass(frozen=True)
 class Step:
     name: str

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lakevision.errors import LakevisionError
-from lakevision.jobs.base import (Step, common_arguments, data_version_argument, job_runtime, optional_str,
+from lakevision.jobs.base import (WrappedResult, Step, common_arguments, data_version_argument, job_runtime, optional_str,
                                   task_argument)
 
 if TYPE_CHECKING:
     from lakevision.evaluation.evaluate import EvaluationResult
 
 
-@dataclass
-class EvaluateStepResult:
+class EvaluateStepResult(WrappedResult):
     result: EvaluationResult
-
-    def to_json(self) -> dict[str, Any]:
-        return self.result.to_json()
 
     def task_values(self) -> dict[str, Any]:
         r = self.result
@@ -32,8 +27,6 @@ class EvaluateStepResult:
                 *(f"  {k:<28} {v:.4f}" for k, v in sorted(r.metrics.items())),
                 f"per-image predictions: {r.predictions_table['location']} version {r.predictions_table['version']}"]
 
-    def raise_for_status(self) -> None:
-        """Metrics are reported, not judged: the gate judges them."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lakevision.jobs.base import Step, common_arguments, job_runtime
+from lakevision.jobs.base import WrappedResult, Step, common_arguments, job_runtime
 
 if TYPE_CHECKING:
     from lakevision.data.ingest import IngestResult
 
 
-@dataclass
-class IngestStepResult:
+class IngestStepResult(WrappedResult):
     result: IngestResult
-
-    def to_json(self) -> dict[str, Any]:
-        return self.result.to_json()
 
     def task_values(self) -> dict[str, Any]:
         r = self.result
@@ -39,8 +34,6 @@ class IngestStepResult:
         lines += [f"WARNING too little data: {w}" for w in r.insufficient]
         return lines
 
-    def raise_for_status(self) -> None:
-        """A finished ingest succeeded: bad records are quarantined, not failures."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lakevision.bundle.task_context import find_bundle_root
 from lakevision.errors import LakevisionError
-from lakevision.jobs.base import Step, common_arguments, job_runtime, optional_str
+from lakevision.jobs.base import WrappedResult, Step, common_arguments, job_runtime, optional_str
 from lakevision.jobs.deploy import route_line
 
 if TYPE_CHECKING:
@@ -19,22 +18,18 @@ class EndpointUnhealthyError(LakevisionError):
     """The monitor found the endpoint down or outside its bounds."""
 
 
-@dataclass
-class MonitorStepResult:
-    report: MonitorReport
-
-    def to_json(self) -> dict[str, Any]:
-        return self.report.to_json()
+class MonitorStepResult(WrappedResult):
+    result: MonitorReport
 
     def task_values(self) -> dict[str, Any]:
-        r = self.report
+        r = self.result
         triggered = r.triggered or {}
         return {"healthy": r.health["healthy"], "problems": r.health["problems"], "retrain": r.retrain,
                 "reasons": r.reasons, "model_version": r.model_version,
                 "triggered": triggered.get("run_id") or triggered.get("pid")}
 
     def summary(self) -> list[str]:
-        r = self.report
+        r = self.result
         lines = [route_line(r.health["status"])] if r.health["status"] else []
         lines += [f"  {s['served_entity_id']}: {s['requests']} requests, p50 {s.get('latency_p50_ms')} ms, "
                   f"p99 {s.get('latency_p99_ms')} ms, error rate {s.get('error_rate')}" for s in r.stats]
@@ -46,8 +41,8 @@ class MonitorStepResult:
 
     def raise_for_status(self) -> None:
         # an unhealthy endpoint fails the run, so the job's failure notifications reach someone
-        if not self.report.health["healthy"]:
-            raise EndpointUnhealthyError(f"endpoint {self.report.endpoint}: " + "; ".join(self.report.health["problems"]))
+        if not self.result.health["healthy"]:
+            raise EndpointUnhealthyError(f"endpoint {self.result.endpoint}: " + "; ".join(self.result.health["problems"]))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

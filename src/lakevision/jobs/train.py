@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lakevision.jobs.base import Step, common_arguments, data_version_argument, job_runtime, task_argument
+from lakevision.jobs.base import WrappedResult, Step, common_arguments, data_version_argument, job_runtime, task_argument
 
 if TYPE_CHECKING:
     from lakevision.training.train import TrainingResult
 
 
-@dataclass
-class TrainStepResult:
+class TrainStepResult(WrappedResult):
     result: TrainingResult
-
-    def to_json(self) -> dict[str, Any]:
-        return self.result.to_json()
 
     def task_values(self) -> dict[str, Any]:
         r = self.result
@@ -30,8 +25,6 @@ class TrainStepResult:
                 f"best {r.best_metric['name']} = {r.best_metric['value']}",
                 *(f"  {k:<28} {v:.4f}" for k, v in sorted(r.metrics.items()))]
 
-    def raise_for_status(self) -> None:
-        """Training that did not finish raised already."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
