@@ -16,6 +16,7 @@ from deltalake import DeltaTable
 from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
 
 from .conftest import REPO
+from .processes import owned, run
 
 pytestmark = pytest.mark.slow  # ingest processes, one killed
 
@@ -24,7 +25,7 @@ TABLES = ("images", "annotations", "categories", "quarantine", "samples")
 
 def _run(*args, check=True):
     env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"))
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = run([sys.executable, *args], env=env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -57,8 +58,7 @@ def _notebook_step(name: str, widgets: dict[str, str], values: Path) -> subproce
 
     env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"), LAKEVISION_TASK_TYPE="notebook_task",
                LAKEVISION_TASK_VALUES=str(values), **{f"LAKEVISION_WIDGET_{k.upper()}": v for k, v in widgets.items()})
-    return subprocess.run([sys.executable, "-c", _NOTEBOOK_LAUNCHER, str(REPO / "jobs" / f"{name}.py")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run([sys.executable, "-c", _NOTEBOOK_LAUNCHER, str(REPO / "jobs" / f"{name}.py")], env=env, timeout=300)
 
 
 def test_job_notebook_publishes_values_and_prints_summary(dataset, tmp_path):
@@ -110,17 +110,17 @@ def test_killed_ingest_leaves_readable_tables_and_rerun_completes(tmp_path):
     ds = generate_dataset(tmp_path / "data", num_images=150, seed=5, defects={"missing_file": 1})
     root = tmp_path / "root"
     env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"))
-    proc = subprocess.Popen([sys.executable, "-m", "lakevision.cli", "ingest", *_ingest_args(ds, root), "--json"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tables = root / "tables" / "lakevision"
     first_commit = tables / "categories" / "_delta_log" / "00000000000000000000.json"
-    deadline = time.monotonic() + 120
-    while not first_commit.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "ingest never committed its first table"
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with owned([sys.executable, "-m", "lakevision.cli", "ingest", *_ingest_args(ds, root), "--json"],
+               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        deadline = time.monotonic() + 120
+        while not first_commit.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "ingest never committed its first table"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert not (tables / "samples" / "_delta_log").exists(), "the kill came too late to be mid-ingest"
 
     for name in TABLES:

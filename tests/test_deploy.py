@@ -23,6 +23,7 @@ from lakevision.serving.client import WorkspaceAuthError, WorkspaceUnreachableEr
 from lakevision.serving.model_server import DeploymentError, ModelServer, workload_for
 from lakevision.serving.pipeline import DeploymentPipeline
 from lakevision.local.workspace.endpoints import LocalWorkspace
+from lakevision.local.workspace.serving import routing_random
 from lakevision.data.samples import load_split
 
 from .conftest import CONFIG_DIR
@@ -30,13 +31,14 @@ from .models import corrupt_weights, log_trained_model
 
 pytestmark = pytest.mark.slow  # a workspace serving models
 
+SEED = 11  # the workspace's routing seed
 TOKEN = "local-test-token"
 NAME = "deploy_test_model"
 
 
 @pytest.fixture(scope="module")
 def workspace(ingested_runtime):
-    ws = LocalWorkspace(ingested_runtime.root, TOKEN)
+    ws = LocalWorkspace(ingested_runtime.root, TOKEN, seed=SEED)
     url = ws.start()
     yield url
     ws.stop()
@@ -93,6 +95,9 @@ def test_canary_routing_monitoring_and_bad_payloads(ingested_runtime, workspace,
 
     served = [server.query("canary", [images[i % len(images)]])[1] for i in range(1000)]
     assert set(served) == {old, new}
+    # the canary config (version 2 of "canary") routes with its own seeded stream: the split is fixed
+    rng, routes = routing_random(SEED, "canary", 2), _routes(server, "canary")  # in the config's route order
+    assert served == [rng.choices(list(routes), list(routes.values()))[0] for _ in range(1000)]
     assert 0.07 <= served.count(new) / 1000 <= 0.13
     status = server.monitor_endpoint("canary")
     assert status["state"] == {"ready": "READY", "config_update": "NOT_UPDATING"}

@@ -4,6 +4,7 @@ inference table on, traffic from the training distribution (no retrain) and brig
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import time
@@ -27,6 +28,7 @@ from lakevision.data.samples import load_split
 from .conftest import CONFIG_DIR
 from .models import log_trained_model
 from .mini_bundle import mini_bundle, nb
+from .processes import kill_group
 
 pytestmark = pytest.mark.slow  # a deployment and its traffic
 
@@ -51,8 +53,14 @@ def deployed(ingested_runtime, tmp_path_factory):
     uri, _ = log_trained_model(rt, seed=3)
     ws = LocalWorkspace(rt.root, TOKEN)
     url = ws.start()
-    yield rt, ws, url, uri
-    ws.stop()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DATABRICKS_TOKEN", TOKEN)
+            report = run_deployment(rt, model_uri=uri, endpoint=ENDPOINT, host=url)
+        assert report["status"] == "deployed", report
+        yield rt, ws, url, uri
+    finally:
+        ws.stop()
 
 
 def _send(url: str, images: list[str]) -> None:
@@ -61,17 +69,20 @@ def _send(url: str, images: list[str]) -> None:
         server.query(ENDPOINT, [image])
 
 
+def _utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
 def test_same_distribution_traffic_does_not_retrain(deployed, monkeypatch):
     rt, ws, url, uri = deployed
     monkeypatch.setenv("DATABRICKS_TOKEN", TOKEN)
-    report = run_deployment(rt, model_uri=uri, endpoint=ENDPOINT, host=url)
-    assert report["status"] == "deployed"
     paths = load_split(rt, ["train", "val", "test"]).image_paths
+    since = _utc()
     _send(url, [_jpeg(load_rgb(p)) for p in paths])
     ws.flush_inference_tables()
-    result = run_monitoring(rt, ENDPOINT, host=url, retrain=False)
+    result = run_monitoring(rt, ENDPOINT, host=url, retrain=False, since=since, now=_utc())
     assert result.health["healthy"] and result.model_version == "1"
-    assert result.n_current >= len(paths)  # the smoke test's requests are traffic too
+    assert result.n_current == len(paths)  # exactly this test's requests: the window is theirs
     assert result.retrain is False, result.reasons
     assert result.drift["drifted_features"] == [] and result.triggered is None
     (entity,) = result.stats
@@ -84,15 +95,11 @@ def test_brightened_traffic_triggers_retraining(deployed, monkeypatch):
     monkeypatch.setenv("DATABRICKS_TOKEN", TOKEN)
     paths = load_split(rt, ["train", "val", "test"]).image_paths
     brighter = [np.clip(load_rgb(p).astype(np.int16) + 60, 0, 255).astype(np.uint8) for p in paths]
-    time.sleep(2)  # a gap after the earlier, unshifted traffic, which the window must leave out
-    t0 = time.monotonic()
+    _send(url, [_jpeg(load_rgb(p)) for p in paths])  # unshifted traffic just before, which the window leaves out
+    since = _utc()
     _send(url, [_jpeg(im) for im in brighter] * 3)
     ws.flush_inference_tables()
-    window = (time.monotonic() - t0 + 1) / 60  # the bright stream and half the gap
-    rt2 = Runtime(config=load_config(CONFIG_DIR, "local", [
-        "deployment.monitoring.drift.min_samples=30", f"deployment.monitoring.window_minutes={window}"]),
-        spark=rt.spark, kind="local", root=rt.root)
-    result = run_monitoring(rt2, ENDPOINT, host=url, retrain=False)
+    result = run_monitoring(rt, ENDPOINT, host=url, retrain=False, since=since, now=_utc())
     assert result.n_current == 3 * len(brighter)
     assert result.retrain is True
     assert "brightness" in result.drift["drifted_features"]
@@ -119,12 +126,15 @@ def test_local_trigger_starts_the_job_with_the_last_parameters(tmp_path, spark, 
     (last / "run.json").write_text(json.dumps({"parameters": {"data": "the-last-data"}}))
     rt = Runtime(config=config, spark=spark, kind="local", root=root)
     started = trigger_retrain(rt, "j", bundle)
-    assert started["parameters"] == {"data": "the-last-data"}
-    deadline = time.monotonic() + 60
-    runs = []
-    while time.monotonic() < deadline and not runs:
-        runs = [p for p in (root / "runs" / "j").glob("*/run.json") if p.parent.name != "1000"]
-        time.sleep(0.5)
-    assert runs, Path(started["log"]).read_text()
+    try:
+        assert started["parameters"] == {"data": "the-last-data"}
+        deadline = time.monotonic() + 60
+        runs = []
+        while time.monotonic() < deadline and not runs:
+            runs = [p for p in (root / "runs" / "j").glob("*/run.json") if p.parent.name != "1000"]
+            time.sleep(0.5)
+        assert runs, Path(started["log"]).read_text()
+    finally:
+        kill_group(started["pid"])  # the run this test started, finished or not
     run = json.loads(runs[0].read_text())
     assert run["status"] == "SUCCESS" and run["tasks"][0]["values"]["got"] == "the-last-data"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import getpass
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from mlflow import MlflowClient
 from lakevision.bundle.loader import load_bundle
 from lakevision.data.synthetic import DEFECT_CODES
 
+from . import processes
 from .conftest import CONFIG_DIR, REPO
 
 pytestmark = pytest.mark.slow  # the five notebooks, training included
@@ -63,8 +63,7 @@ def run_notebook(root):
                LAKEVISION_WIDGET_SAMPLE_IMAGES=str(SAMPLE_IMAGES))
 
     def run(name: str) -> str:
-        proc = subprocess.run([sys.executable, str(NOTEBOOK_DIR / f"{name}.py")], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+        proc = processes.run([sys.executable, str(NOTEBOOK_DIR / f"{name}.py")], env=env, cwd=REPO, timeout=300)
         assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return proc.stdout
 

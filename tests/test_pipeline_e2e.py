@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import yaml
 from lakevision.bundle.loader import load_bundle
 from lakevision.data.synthetic import generate_dataset
 
+from .processes import run
 from .conftest import REPO
 
 pytestmark = pytest.mark.slow  # the whole cv_pipeline job twice
@@ -36,8 +36,8 @@ ENDPOINT = _LOCAL.variables["endpoint_name"]
 
 def _run_job(root: Path, job: str, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEVISION_")}
-    proc = subprocess.run([sys.executable, "-m", "lakevision.cli", "bundle", "run", "-t", "local", job, "--json",
-                           "--root", str(root), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    proc = run([sys.executable, "-m", "lakevision.cli", "bundle", "run", "-t", "local", job, "--json",
+                "--root", str(root), *args], cwd=REPO, env=env, timeout=420)
     assert proc.stdout.strip(), proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

@@ -95,10 +95,15 @@ def test_unreadable_image_names_the_path(tmp_path):
 
 
 def test_rle_and_polygon_masks_agree():
+    # a 4x4 square in the top-left corner of an 8x8 image, as COCO's column-major RLE and as a polygon
+    square = np.zeros((8, 8), np.uint8)
+    square[:4, :4] = 1
     rle_ann = {"bbox": [0, 0, 4, 4], "segmentation": {"counts": [0, 4, 4, 4, 4, 4, 4, 4, 36], "size": [8, 8]}}
     poly_ann = {"bbox": [0, 0, 4, 4], "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]}
-    assert annotation_mask(rle_ann, 8, 8).sum() == 16
-    assert annotation_mask(poly_ann, 8, 8).sum() >= 16
+    np.testing.assert_array_equal(annotation_mask(rle_ann, 8, 8), square)
+    poly = annotation_mask(poly_ann, 8, 8)
+    # pycocotools rasterizes a polygon's edge pixels in: the square, and at most its one-pixel border
+    assert (poly[:4, :4] == 1).all() and poly[5:, :].sum() == 0 and poly[:, 5:].sum() == 0
 
 
 def test_collate_keeps_lists(image):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -85,6 +86,14 @@ def test_classification_heads_and_num_classes():
 
 def test_pretrained_weights_that_cannot_be_fetched_fail_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: the weights must be downloaded
+    # a proxy that refuses connections: the download fails here whether or not the machine has a network
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, closed)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     t = time.monotonic()
     with pytest.raises(WeightsUnavailableError, match="cannot fetch pretrained weights for resnet18.*weights: none"):
         build_model("classification", "resnet18", 3, weights="DEFAULT")

@@ -24,6 +24,7 @@ from lakevision.data.synthetic import generate_dataset
 from lakevision.training.ray_cluster import processes_matching
 
 from .conftest import REPO
+from .processes import command_line, descendants, owned
 
 pytestmark = pytest.mark.slow  # Ray clusters and training
 
@@ -43,14 +44,19 @@ def ingested(tmp_path_factory, spark):
     return base / "root"
 
 
-def _train(root, *args, timeout=600):
-    env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"))
-    return subprocess.Popen([sys.executable, "-m", "lakevision.cli", "train", "--root", str(root), *FAST, *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _train(root, tmp, *args):
+    """`lakevision train` as a process this test owns, with its own temp folder (Ray's sessions)."""
+    env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"), TMPDIR=str(tmp))
+    return owned([sys.executable, "-m", "lakevision.cli", "train", "--root", str(root), *FAST, *args],
+                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
+def _finish(proc, timeout=480):
+    """Its output once it ended well; below pytest's own timeout, so a hang fails here, with output."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"training ran past {timeout} s") from None
     assert proc.returncode == 0, f"exit {proc.returncode}\n{err[-5000:]}"
     return out, err
 
@@ -61,11 +67,11 @@ def _runs(root):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
-def test_two_workers_on_local_ray_learn_detection(ingested):
+def test_two_workers_on_local_ray_learn_detection(ingested, child_tmp):
     """Two Ray Train workers, one MLflow run, a loadable model, and a validation loss that falls."""
-    proc = _train(ingested, "--task", "detection", "--json", "--set", "training.optimization.max_epochs=4",
-                  "--set", "training.model.learning_rate=0.001", "--set", "training.data.image_size=160")
-    out, _ = _finish(proc)
+    with _train(ingested, child_tmp, "--task", "detection", "--json", "--set", "training.optimization.max_epochs=4",
+                "--set", "training.model.learning_rate=0.001", "--set", "training.data.image_size=160") as proc:
+        out, _ = _finish(proc)
     result = json.loads(out)
     assert result["cluster"] == "local" and result["data_version"] == 0
     assert {"run_id", "model_uri", "metrics", "best_metric", "checkpoint_path"} <= set(result)
@@ -96,28 +102,26 @@ def test_two_workers_on_local_ray_learn_detection(ingested):
         assert (f"exports/{p['file']}" in logged) == p["passed"]
 
 
-def test_killed_worker_is_replaced_and_the_run_resumes(ingested, tmp_path):
+def test_killed_worker_is_replaced_and_the_run_resumes(ingested, child_tmp):
     root = ingested
     _, before = _runs(root)
-    proc = _train(root, "--task", "classification", "--set", "training.optimization.max_epochs=4",
-                  "--set", "training.data.image_size=64")
-    # Rank 0 logs an epoch to MLflow only after its checkpoint was reported; killing a second
-    # later lands in the middle of epoch 2 (epochs take a few seconds here).
-    deadline = time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, proc.stderr.read()[-5000:]
-        assert time.monotonic() < deadline, "no epoch finished"
-        client, runs = _runs(root)
-        new = [r for r in runs if r.info.run_id not in {b.info.run_id for b in before}]
-        if new and client.get_metric_history(new[0].info.run_id, "val_loss"):
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)
-    workers = sorted(processes_matching("ray::RayTrainWorker"))
-    assert workers, "no Ray Train worker process found"
-    os.kill(workers[-1], signal.SIGKILL)
-    out, err = _finish(proc)
-    assert "resuming from" in err
+    snapshots = "*/checkpoint_manager_snapshot.json"
+    before_snapshots = set((root / "checkpoints").glob(snapshots))
+    with _train(root, child_tmp, "--task", "classification", "--set", "training.optimization.max_epochs=4",
+                "--set", "training.data.image_size=64") as proc:
+        # Ray Train's controller writes this file when it has registered a reported checkpoint: from
+        # then on a replaced worker group resumes from it, and the next epoch is running
+        deadline = time.monotonic() + 300
+        while not set((root / "checkpoints").glob(snapshots)) - before_snapshots:
+            assert proc.poll() is None, proc.stderr.read()[-5000:]
+            assert time.monotonic() < deadline, "no checkpoint was registered"
+            time.sleep(0.1)
+        # a worker of this run: a descendant of this test's process, never another's
+        workers = sorted(pid for pid in descendants(proc.pid) if "ray::RayTrainWorker" in command_line(pid))
+        assert workers, "no Ray Train worker under the train process"
+        os.kill(workers[-1], signal.SIGKILL)
+        out, err = _finish(proc)
+    assert "resuming from" in err, err[-3000:]
     run_id = re.search(r"MLflow run (\w+)", out).group(1)
     client, after = _runs(root)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
@@ -126,16 +130,14 @@ def test_killed_worker_is_replaced_and_the_run_resumes(ingested, tmp_path):
     assert epochs == {0, 1, 2, 3}
 
 
-def test_ray_on_spark_local_cluster(ingested):
+def test_ray_on_spark_local_cluster(ingested, child_tmp):
     agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
-    before = processes_matching(*agents)
-    proc = _train(ingested, "--task", "classification", "--json", "--set", "training.optimization.max_epochs=1",
-                  "--set", "training.data.image_size=64", "--set", "training.distributed.cluster=ray_on_spark")
-    out, _ = _finish(proc)
+    with _train(ingested, child_tmp, "--task", "classification", "--json", "--set", "training.optimization.max_epochs=1",
+                "--set", "training.data.image_size=64", "--set", "training.distributed.cluster=ray_on_spark") as proc:
+        out, _ = _finish(proc)
     result = json.loads(out)
     assert result["cluster"] == "ray_on_spark"
     assert result["metrics"]["val_acc"] >= 0
-    deadline = time.monotonic() + 10
-    while processes_matching(*agents) - before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not processes_matching(*agents) - before, "Ray-on-Spark left agents behind"
+    # this run's Ray temp root was under the test's temp folder: its agents carry that path
+    assert not processes_matching(*agents, within=str(child_tmp)), "Ray-on-Spark left agents behind"
+    assert not list(child_tmp.glob("lvray-*")), "the run's Ray temp root was not removed"

@@ -24,6 +24,8 @@ def test_report_has_curves_and_summary():
                "val_map_50": [0.1, 0.3, 0.5, 0.52, 0.51]}
     text, fig, summary = training_report(history, "val_map_50")
     assert summary == {"epochs": 5, "metric": "val_map_50", "convergence_epoch": 4, "overfitting": True,
-                       "warning": summary["warning"]}
+                       "warning": "overfitting: validation loss rose from 0.6 (epoch 3) to 0.7 (epoch 5) while "
+                                  "training loss fell from 0.6 to 0.3; the checkpoint kept is the best epoch's, and "
+                                  "more data, augmentation or early stopping would help"}
     assert "converged at epoch 4" in text and "**overfitting:" in text
     assert len(fig.axes) == 2 and fig.axes[1].get_lines()

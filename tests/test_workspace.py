@@ -4,6 +4,7 @@ from a sqlite registry: life cycle, traffic split, failed updates, metrics, rest
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from lakevision.cli import main as cli_main
 from lakevision.serving.client import workspace_client
 from lakevision.serving.endpoint_metrics import parse_endpoint_metrics
 from lakevision.local.workspace.endpoints import LocalWorkspace
+from lakevision.local.workspace.serving import routing_random
 from lakevision.local.workspace.process import TOKEN_ENV, local_workspace_process
 from lakevision.tracking import local_tracking_uri
 
@@ -47,18 +49,25 @@ pytestmark = [pytest.mark.slow,
 TOKEN = "local-test-token"
 MODEL = "lakevision.version_model"  # the dot checks the default served entity name
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "image")]))
-V1, V2, BROKEN, SLOW = "1", "2", "3", "4"
+V1, V2, BROKEN, SLOW, GATED = "1", "2", "3", "4", "5"
+SEED = 7  # the workspace's routing seed
+RELEASE_V4, RELEASE_V5 = "release-v4", "release-v5"  # SLOW and GATED load once these exist in the registry folder
 
 
 class VersionModel(mlflow.pyfunc.PythonModel):
-    """Answers which version it is, per input row; ``load_delay_s`` keeps an update in progress."""
+    """Answers which version it is, per input row. With ``release``, loading waits until that file
+    exists: the test holds an update in progress for as long as it needs, and lets it go."""
 
-    def __init__(self, version: int, load_delay_s: float = 0.0):
+    def __init__(self, version: int, release: str | None = None):
         self.version = version
-        self.load_delay_s = load_delay_s
+        self.release = release
 
     def load_context(self, context):
-        time.sleep(self.load_delay_s)
+        deadline = time.monotonic() + 120
+        while self.release and not os.path.exists(self.release):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.release} never appeared")
+            time.sleep(0.05)
 
     def predict(self, context, model_input, params=None):
         return pd.DataFrame({"version": [self.version] * len(model_input)})
@@ -83,7 +92,8 @@ def registry(tmp_path_factory) -> Path:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("workspace-test", artifact_location=(root / "artifacts").as_uri())
-    for model in (VersionModel(1), VersionModel(2), BrokenModel(), VersionModel(4, load_delay_s=2.0)):
+    for model in (VersionModel(1), VersionModel(2), BrokenModel(), VersionModel(4, release=str(root / RELEASE_V4)),
+                  VersionModel(5, release=str(root / RELEASE_V5))):
         with mlflow.start_run(experiment_id=experiment):
             mlflow.pyfunc.log_model(name="model", python_model=model, signature=SIGNATURE,
                                     registered_model_name=MODEL, pip_requirements=["mlflow"])
@@ -93,7 +103,7 @@ def registry(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def workspace(registry, tmp_path_factory):
     with LocalWorkspace(tmp_path_factory.mktemp("workspace"), TOKEN, tracking_uri=local_tracking_uri(registry),
-                        seed=7) as ws:
+                        seed=SEED) as ws:
         yield ws
 
 
@@ -229,18 +239,23 @@ def test_traffic_split_90_10(w):
         name_of(V1): 90, name_of(V2): 10}
     answers = collections.Counter(served_version(w, "split") for _ in range(1000))
     assert set(answers) <= {(name_of(V1), 1), (name_of(V2), 2)}  # each entity answers with its own model
-    assert 70 <= answers[(name_of(V2), 2)] <= 130
+    # the seeded workspace routes config version 2 of "split" with its own stream: the count is fixed
+    rng = routing_random(SEED, "split", 2)
+    expected = sum(rng.choices([name_of(V1), name_of(V2)], [90, 10])[0] == name_of(V2) for _ in range(1000))
+    assert answers[(name_of(V2), 2)] == expected and 70 <= expected <= 130
 
 
-def test_update_in_progress_failed_update_and_rollback(workspace, w):
+def test_update_in_progress_failed_update_and_rollback(workspace, w, registry):
     w.serving_endpoints.create_and_wait("rollout", config=config("rollout", entity(V1)))
 
-    # v4 takes 2 s to load: meanwhile the endpoint stays READY on v1 and refuses a second update
+    # v4 loads only when released: until then the endpoint stays READY on v1 and refuses a second update
     waiter = w.serving_endpoints.update_config("rollout", served_entities=[entity(SLOW)])
     assert (waiter.response.state.ready.value, waiter.response.state.config_update.value) == ("READY", "IN_PROGRESS")
     with pytest.raises(ResourceConflict, match="already updating"):
         w.serving_endpoints.update_config("rollout", served_entities=[entity(V2)])
     assert served_version(w, "rollout") == (name_of(V1), 1)
+    assert w.serving_endpoints.get("rollout").state.config_update.value == "IN_PROGRESS"
+    (registry / RELEASE_V4).touch()
     assert waiter.result().config.config_version == 2
     assert served_version(w, "rollout") == (name_of(SLOW), 4)
 
@@ -344,16 +359,23 @@ def wait_ready(w, name: str, timeout_s: float = 30):
     return endpoint
 
 
-def test_endpoints_survive_a_restart(registry, tmp_path):
+@pytest.fixture
+def gated(registry):
+    """GATED stays loading for the test; released afterwards, so no load thread waits at exit."""
+    yield GATED
+    (registry / RELEASE_V5).touch()
+
+
+def test_endpoints_survive_a_restart(registry, tmp_path, gated):
     uri = local_tracking_uri(registry)
     with LocalWorkspace(tmp_path, TOKEN, tracking_uri=uri) as first:
         w = workspace_client(first.url, TOKEN, retry_timeout_seconds=5)
         before = w.serving_endpoints.create_and_wait("kept", config=config("kept", entity(V1), entity(V2),
                                                                            traffic=split(v1=90, v2=10)))
         w.serving_endpoints.create_and_wait("interrupted", config=config("interrupted", entity(V1)))
-        # both still loading v4 when the workspace stops
-        w.serving_endpoints.update_config("interrupted", served_entities=[entity(SLOW)])
-        w.serving_endpoints.create("never-served", config=config("never-served", entity(SLOW)))
+        # both still loading v5, which is never released, when the workspace stops
+        w.serving_endpoints.update_config("interrupted", served_entities=[entity(gated)])
+        w.serving_endpoints.create("never-served", config=config("never-served", entity(gated)))
 
     with LocalWorkspace(tmp_path, TOKEN, tracking_uri=uri) as second:
         w = workspace_client(second.url, TOKEN, retry_timeout_seconds=5)

@@ -168,14 +168,18 @@ class MonitorReport:
 
 
 def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = None, retrain: bool = True,
-                   retrain_job: str | None = None, bundle_dir: str | os.PathLike = ".") -> MonitorReport:
-    """One pass of the monitor job; the report says what it measured, decided and started."""
+                   retrain_job: str | None = None, bundle_dir: str | os.PathLike = ".",
+                   now: dt.datetime | None = None, since: dt.datetime | None = None) -> MonitorReport:
+    """One pass of the monitor job; the report says what it measured, decided and started. The
+    window is ``deployment.monitoring.window_minutes`` up to ``now`` (default: this moment), or
+    from ``since`` when given."""
     d = rt.config.deployment
     m = d.monitoring
     name = endpoint or d.endpoint_name
-    now = dt.datetime.now(dt.timezone.utc)  # one window for the metrics and the drift test
+    now = now or dt.datetime.now(dt.timezone.utc)  # one window for the metrics and the drift test
+    window_minutes = (now - since).total_seconds() / 60 if since is not None else m.window_minutes
     health = endpoint_health(rt, name, host)
-    stats = endpoint_stats(rt, name, m.window_minutes, now)
+    stats = endpoint_stats(rt, name, window_minutes, now)
     stats_version = write_stats(rt, stats)
     champion, served, reference = champion_reference(rt, d.model_name)
     n_current = 0
@@ -183,7 +187,7 @@ def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = 
         decision = RetrainDecision(True, [f"{d.model_name} has no {CHAMPION} yet"])
         version = None
     else:
-        images = traffic_images(rt, name, m.window_minutes, now)
+        images = traffic_images(rt, name, window_minutes, now)
         n_current = len(images)
         current = None
         if images:
@@ -194,7 +198,7 @@ def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = 
                                metric_name=kind.headline, higher_is_better=kind.greater_is_better)
         decision = monitor.should_retrain(current_profile=current)
         if current is None:
-            decision.reasons.append(f"no successful requests in the last {m.window_minutes:g} minutes")
+            decision.reasons.append(f"no successful requests in the last {window_minutes:g} minutes")
         version = champion.version
     drift_version = write_drift(rt, name, version or "", decision.drift, decision.retrain, decision.reasons, n_current)
     triggered = trigger_retrain(rt, retrain_job or m.retrain_job, bundle_dir) if decision.retrain and retrain else None

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from lakevision.config import DistributedSettings
 
 log = logging.getLogger(__name__)
 
+_DATABRICKS_LOCAL_DISK = "/local_disk0/tmp"  # ray/util/spark/databricks_hook.py's default temp root
 _AGENT_MARKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
 _LOCAL_WORKERS, _LOCAL_WORKER_CORES, _LOCAL_WORKER_MB = 2, 1, 2048
 LOCAL_CLUSTER_MASTER = f"local-cluster[{_LOCAL_WORKERS},{_LOCAL_WORKER_CORES},{_LOCAL_WORKER_MB}]"
@@ -35,17 +38,33 @@ def quiet_worker_logs() -> None:
 _RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
 
 
-def processes_matching(*markers: str) -> set[int]:
-    """PIDs whose command line contains any marker (Linux /proc; empty elsewhere)."""
+def processes_matching(*markers: str, within: str | None = None) -> set[int]:
+    """PIDs whose command line contains any marker and, with ``within``, also that text (a Ray
+    temp dir: only the processes of that Ray session). Linux /proc; empty elsewhere."""
     pids = set()
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(m in cmd for m in markers):
+        if any(m in cmd for m in markers) and (within is None or within in cmd):
             pids.add(int(entry.name))
     return pids
+
+
+@contextlib.contextmanager
+def _private_temp_root() -> Iterator[str]:
+    """A Ray temp root of this cluster's own (sessions, sockets, logs), removed afterwards: nothing
+    is left in the shared temp folder, and this cluster's processes are recognizable by it. Short,
+    as Ray's socket paths must fit in 107 characters."""
+    parent = os.environ.get("RAY_TMPDIR")
+    if parent is None and "DATABRICKS_RUNTIME_VERSION" in os.environ and os.path.isdir(_DATABRICKS_LOCAL_DISK):
+        parent = _DATABRICKS_LOCAL_DISK  # where Ray-on-Spark puts its temp data on Databricks by default
+    root = tempfile.mkdtemp(prefix="lvray-", dir=parent)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _kill(pids: set[int]) -> None:
@@ -126,14 +145,15 @@ def ray_cluster(settings: DistributedSettings, log_to_driver: bool = True) -> It
         return
     # A laptop is not a spot instance: skip the preemption watcher actor (one less process to start).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    _init_local(log_to_driver)
-    try:
-        yield "local"
-    finally:
-        ray.shutdown()
+    with _private_temp_root() as temp_root:
+        _init_local(log_to_driver, temp_root)
+        try:
+            yield "local"
+        finally:
+            ray.shutdown()
 
 
-def _init_local(log_to_driver: bool, attempts: int = 2) -> None:
+def _init_local(log_to_driver: bool, temp_root: str, attempts: int = 2) -> None:
     """Start local Ray; on a busy 2-core machine its node start-up now and then misses a deadline
     ("The current node timed out during startup", "Timed out waiting for file .../gcs_server_port"),
     and a second try goes through."""
@@ -141,7 +161,8 @@ def _init_local(log_to_driver: bool, attempts: int = 2) -> None:
 
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(include_dashboard=False, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+            ray.init(include_dashboard=False, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV,
+                     _temp_dir=temp_root)
             return
         except Exception as exc:  # Ray raises a bare Exception for this
             if "timed out" not in str(exc).lower() or attempt == attempts:
@@ -181,18 +202,19 @@ def _ray_on_spark(settings: DistributedSettings, spark, log_to_driver: bool) -> 
     # No num_cpus_worker_node / num_gpus_worker_node: left unset, Ray-on-Spark gives each Ray worker
     # node the whole Spark worker (all its cores for the data loaders, all its GPUs), where setting
     # them from spark.task.cpus gave a node one CPU (ray/util/spark/cluster_init.py).
-    kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
-                    "head_node_options": {"include_dashboard": False}}
-    agents_before = processes_matching(*_AGENT_MARKERS)
-    try:
-        address = _setup_with_retry(setup_ray_cluster, shutdown_ray_cluster, kwargs)
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+    with _private_temp_root() as temp_root:
+        kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
+                        "head_node_options": {"include_dashboard": False}, "ray_temp_root_dir": temp_root}
         try:
-            yield "ray_on_spark"
+            address = _setup_with_retry(setup_ray_cluster, shutdown_ray_cluster, kwargs)
+            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
+            try:
+                yield "ray_on_spark"
+            finally:
+                ray.shutdown()
+                shutdown_ray_cluster()
         finally:
-            ray.shutdown()
-            shutdown_ray_cluster()
-    finally:
-        _kill(processes_matching(*_AGENT_MARKERS) - agents_before)
-        if started_spark is not None:
-            started_spark.stop()
+            # agents this cluster started and shutdown left behind (they ignore SIGTERM); no other's
+            _kill(processes_matching(*_AGENT_MARKERS, within=temp_root))
+            if started_spark is not None:
+                started_spark.stop()

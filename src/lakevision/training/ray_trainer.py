@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -91,7 +92,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
     precision = opt["precision"]
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    callbacks: list[pl.Callback] = [RayTrainReportCallback(), _EpochLogger(cfg["metrics_file"])]
+    report = RayTrainReportCallback()
+    callbacks: list[pl.Callback] = [report, _EpochLogger(cfg["metrics_file"])]
     if opt["early_stopping_patience"]:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=opt["early_stopping_patience"]))
     trainer = pl.Trainer(
@@ -114,13 +116,17 @@ def train_loop_per_worker(cfg: dict) -> dict:
         logger=False,
     )
     trainer = prepare_trainer(trainer)
-    ckpt_path = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        ckpt_dir = checkpoint.to_directory()
-        ckpt_path = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME)
-        print(f"resuming from {ckpt_path}", file=sys.stderr, flush=True)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    # as_directory reads a checkpoint on shared storage in place, and removes what it had to download
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as ckpt_dir:
+        ckpt_path = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_dir else None
+        if ckpt_path:
+            print(f"resuming from {ckpt_path}", file=sys.stderr, flush=True)
+        try:
+            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+        finally:
+            # the callback stages each epoch's checkpoint in the temp folder before reporting it
+            shutil.rmtree(report.tmpdir_prefix, ignore_errors=True)
     return {"epochs": trainer.current_epoch, "resumed": ckpt_path is not None}
 
 

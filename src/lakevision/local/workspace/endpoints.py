@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import socket
 import tempfile
 import threading
@@ -77,7 +76,7 @@ class LocalWorkspace:
         self._records_dir = LocalLayout(self.root).endpoint_records
         self._records_dir.mkdir(parents=True, exist_ok=True)
         self._token = token.encode()
-        self._rng = random.Random(seed)
+        self._seed = seed  # routes each endpoint config with its own stream (routing_random)
         self._lock = threading.Lock()  # guards _endpoints, every record and _closed
         self._endpoints: dict[str, Endpoint] = {}
         self._closed = False
@@ -366,7 +365,7 @@ class LocalWorkspace:
         version = pending["config_version"]
         if not errors:
             config = {k: v for k, v in pending.items() if k != "start_time"}
-            endpoint.serving = Serving.of(config, loaded)
+            endpoint.serving = Serving.of(record["name"], config, loaded, self._seed)
             record["config"] = config
             del record["pending_config"]
             record["state"] = {"ready": READY, "config_update": NOT_UPDATING}
@@ -386,7 +385,7 @@ class LocalWorkspace:
         config = endpoint.record["config"]
         self._mark_entities(config, errors)
         if not errors:
-            endpoint.serving = Serving.of(config, loaded)
+            endpoint.serving = Serving.of(endpoint.record["name"], config, loaded, self._seed)
             endpoint.record["state"]["ready"] = READY
         else:
             log.warning("endpoint %s cannot reload config version %d: %s", endpoint.record["name"],
@@ -417,7 +416,7 @@ class LocalWorkspace:
         serving = endpoint.serving
         if serving is None:
             raise self._not_ready(name)
-        entity = serving.pick(self._rng)
+        entity = serving.pick()
         started = time.perf_counter()
         model = serving.models[entity]
         data = await request.body()

@@ -7,7 +7,7 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -78,6 +78,12 @@ class ModelCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def routing_random(seed: int | None, endpoint: str, config_version: int) -> random.Random:
+    """The random stream one endpoint config routes with: seeded per (workspace seed, endpoint,
+    config version) so that a split is reproducible whatever other endpoints serve meanwhile."""
+    return random.Random(None if seed is None else f"{seed}:{endpoint}:{config_version}")
+
+
 @dataclass(frozen=True)
 class Serving:
     """A loaded config; replaced as a whole, so a request sees one config from start to end."""
@@ -86,15 +92,18 @@ class Serving:
     names: tuple[str, ...]
     weights: tuple[int, ...]
     models: Mapping[str, LoadedModel]
+    rng: random.Random = field(compare=False, repr=False)
 
     @classmethod
-    def of(cls, config: Mapping[str, Any], models: Mapping[str, LoadedModel]) -> Serving:
+    def of(cls, endpoint: str, config: Mapping[str, Any], models: Mapping[str, LoadedModel],
+           seed: int | None) -> Serving:
         routes = config["traffic_config"]["routes"]
         return cls(config["config_version"], tuple(r["served_entity_name"] for r in routes),
-                   tuple(r["traffic_percentage"] for r in routes), dict(models))
+                   tuple(r["traffic_percentage"] for r in routes), dict(models),
+                   routing_random(seed, endpoint, config["config_version"]))
 
-    def pick(self, rng: random.Random) -> str:
-        return rng.choices(self.names, self.weights)[0]
+    def pick(self) -> str:
+        return self.rng.choices(self.names, self.weights)[0]
 
 
 class Endpoint:
