@@ -9,6 +9,7 @@ the private temp folder but pytest's own: both fail the run, after they are kill
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -27,8 +28,9 @@ _SYSTEM_TMP = Path(tempfile.gettempdir())
 _TMP = Path(tempfile.mkdtemp(prefix="lvt-", dir=_SYSTEM_TMP))  # short: Ray's socket paths must fit in 107 chars
 os.environ["TMPDIR"] = str(_TMP)
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+_CHILD_TMP_NUMBERS = itertools.count()
 # what a training run may leave in the system temp folder; none of it may appear there during the suite
-_LEAK_PATTERNS = ("lightning_checkpoints-*", "checkpoint_tmp_*", "ray", "lvray-*", "lakevision-*")
+_LEAK_PATTERNS = ("lightning_checkpoints-*", "checkpoint_tmp_*", "ray", "ray-*", "lvray-*", "lakevision-*")
 _SYSTEM_BEFORE = {p.name for pattern in _LEAK_PATTERNS for p in _SYSTEM_TMP.glob(pattern)}
 
 from lakevision.config import load_config  # noqa: E402
@@ -78,7 +80,8 @@ def ingested_runtime(spark, tmp_path_factory):
 def child_tmp(tmp_path_factory) -> Path:
     """A short private temp folder for a test's child processes (give it as their ``TMPDIR``),
     removed after the test: Ray sessions, Lightning's checkpoint staging and the like."""
-    path = Path(tempfile.mkdtemp(prefix="c", dir=_TMP))
+    path = _TMP / f"c{next(_CHILD_TMP_NUMBERS)}"  # two characters: Ray-on-Spark's socket paths are long
+    path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

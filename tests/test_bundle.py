@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 import yaml
@@ -17,6 +17,7 @@ from lakevision.bundle.loader import BundleError, load_bundle
 from lakevision.bundle.presets import domain_friendly_name, normalize_prefix, short_name
 from lakevision.local.bundle_validate import validate_bundle
 
+from . import processes
 from .conftest import REPO
 
 TARGETS = ["dev", "staging", "prod", "local"]
@@ -25,9 +26,8 @@ PROD_VARS = {"service_principal": SP, "notification_email": "ml-oncall@lakevisio
 USER = "jane.doe@lakevision.example"
 
 
-def _cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lakevision.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env=env)
+def _cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> CompletedProcess:
+    return processes.run([sys.executable, "-m", "lakevision.cli", *args], cwd=cwd, timeout=120, env=env)
 
 
 def _vars(target: str) -> dict | None:

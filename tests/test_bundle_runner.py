@@ -5,10 +5,10 @@ fail the run and fire its failure emails; plus condition tasks, run_if, retries 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 import yaml
@@ -18,6 +18,7 @@ from lakevision.local.job_runner import (EXCLUDED, FAILED, SUCCESS, TIMED_OUT, U
                                       decide)
 from lakevision.bundle.task_context import TASK_TYPE_ENV, TASK_VALUES_ENV, TaskValueError, set_task_values
 
+from . import processes
 from .mini_bundle import mini_bundle, nb, py
 
 
@@ -28,8 +29,8 @@ def _run(root: Path, data_root: Path, params: dict | None = None):
     return runner.run("j", params), events
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lakevision.cli", *args], capture_output=True, text=True, timeout=120)
+def _cli(*args: str) -> CompletedProcess:
+    return processes.run([sys.executable, "-m", "lakevision.cli", *args], timeout=120)
 
 
 def test_task_values_parameters_and_condition_outcomes(tmp_path):
@@ -104,9 +105,8 @@ def test_wheel_entry_point_is_judged_as_on_databricks(tmp_path, monkeypatch):
 
 def test_lakevision_entry_point_fails_the_task_on_bad_input(tmp_path):
     """The project's console script raises SystemExit(2) on a user error, so a wheel task fails."""
-    proc = subprocess.run([sys.executable, "-c", "from lakevision.cli import entry_point; entry_point()", "ingest",
-                           "--annotations", str(tmp_path / "nonexistent.json"), "--images", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = processes.run([sys.executable, "-c", "from lakevision.cli import entry_point; entry_point()", "ingest",
+                          "--annotations", str(tmp_path / "nonexistent.json"), "--images", str(tmp_path)], timeout=120)
     assert proc.returncode == 2
     assert "lakevision ingest: error: " in proc.stderr and "nonexistent.json" in proc.stderr
 

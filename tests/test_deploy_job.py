@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import mlflow
@@ -13,6 +12,7 @@ import pytest
 
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
 
+from . import processes
 from .conftest import REPO
 from .models import log_trained_model
 
@@ -24,8 +24,7 @@ FAST = ["--task", "classification", "--set", "deployment.canary.smoke_requests=4
 def _run(root, *args):
     env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"))
     env.pop("DATABRICKS_TOKEN", None)
-    return subprocess.run([sys.executable, *args, "--root", str(root)], capture_output=True, text=True, env=env,
-                          timeout=400)
+    return processes.run([sys.executable, *args, "--root", str(root)], env=env, timeout=400)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from lakevision.packaging.pyfunc import ServingSpec, load_image_model, log_image
 from lakevision.data.images import load_rgb
 from lakevision.training.models import build_model
 
+from . import processes
+
 pytestmark = pytest.mark.slow  # training a toy model
 
 CATS = ([1, 2, 3], ["circle", "square", "triangle"])
@@ -236,15 +238,14 @@ def test_explain_image_names_what_is_wrong(logged, scene, tmp_path):
 
 def test_explain_command_writes_the_png(logged, scene, tmp_path):
     import json as _json
-    import subprocess
     import sys
 
     out = tmp_path / "cli.png"
     cmd = [sys.executable, "-m", "lakevision.cli", "explain", "--model-uri", logged["detection"],
            "--root", logged["root"], "--out", str(out)]
-    proc = subprocess.run([*cmd, "--image", str(scene), "--json"], capture_output=True, text=True, timeout=300)
+    proc = processes.run([*cmd, "--image", str(scene), "--json"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = _json.loads(proc.stdout)
     assert printed["task"] == "detection" and printed["out_path"] == str(out) and _is_png(out)
-    proc = subprocess.run([*cmd, "--image", str(tmp_path / "nope.jpg")], capture_output=True, text=True, timeout=300)
+    proc = processes.run([*cmd, "--image", str(tmp_path / "nope.jpg")], timeout=300)
     assert proc.returncode == 2 and "nope.jpg: no such image file" in proc.stderr

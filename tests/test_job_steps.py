@@ -24,6 +24,7 @@ from lakevision.registry.model_registry import RegistryError, check_tag_key, tag
 from lakevision.local.workspace.serving import ImageBuildError, check_installable
 from lakevision.tracking import pinned_requirements
 
+from . import processes
 from .conftest import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -212,10 +213,8 @@ def test_gate_tag_keys_pass_the_uc_rule():
 def test_the_command_line_starts_without_the_ml_stack():
     """`lakevision bundle validate` and `--help` must not pay for torch, Spark or MLflow: every step's
     library is imported only when the step runs."""
-    import subprocess
-
     code = ("import sys, lakevision.cli; lakevision.cli.build_parser(); "
             "print(sorted(m for m in ('torch', 'pyspark', 'mlflow', 'ray') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = processes.run([sys.executable, "-c", code], timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -8,13 +8,17 @@ import getpass
 import os
 import re
 import sys
+from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from lakevision.bundle.loader import load_bundle
 from lakevision.data.synthetic import DEFECT_CODES
+from lakevision.packaging.pyfunc import encode_image, load_image_model
 
 from . import processes
 from .conftest import CONFIG_DIR, REPO
@@ -164,6 +168,13 @@ def test_05_deploys_then_queries_the_endpoint(run_notebook, root, mlflow_client)
     # the query went to a restarted workspace, which served the version the deployment left
     served_by, image = _one(r"^(\S+) answered for (\S+)$", out).groups()
     assert served_by == f"{MODEL}-1" and image.startswith(str(root.resolve() / "sample" / "images"))
-    assert int(_one(r"^(\d+) objects, the first 10:$", out)[1]) > 0
+    # what the served model answered is what the champion answers in this process
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    champion = load_image_model(f"models:/{MODEL}@champion")
+    want = champion.predict_frame(pd.DataFrame({"image": [encode_image(Path(image).read_bytes())]})).iloc[0]
+    assert int(_one(r"^(\d+) objects, the first 10:$", out)[1]) == len(want["boxes"]) > 0
     first = _one(r"^0\s+(circle|square|triangle)\s+(\S+)\s+\[(.+)\]$", out)
-    assert 0.05 <= float(first[2]) <= 1 and len(first[3].split(",")) == 4
+    assert first[1] == want["categories"][0] and float(first[2]) == pytest.approx(want["scores"][0], abs=1e-3)
+    assert [float(c) for c in first[3].split(",")] == pytest.approx(want["boxes"][0], abs=0.1)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from lakevision.bundle.loader import load_bundle
 from lakevision.data.synthetic import generate_dataset
@@ -56,8 +57,6 @@ def _profile(tmp_path: Path, name: str, threshold: float) -> Path:
 
 
 def _mlflow_state(root: Path) -> tuple[dict, int]:
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", registry_uri=f"sqlite:///{root / 'mlflow.db'}")
     model = client.get_registered_model(MODEL)
     versions = client.search_model_versions(f"name='{MODEL}'")
@@ -104,7 +103,10 @@ def test_every_stage_succeeds_and_passes_its_values_on(pipeline_runs):
     # train and evaluate read the table version ingest wrote, and evaluate scored train's model
     assert train["data_version"] == evaluate["data_version"] == 0
     assert train["model_uri"].startswith("models:/") and train["task"] == "detection"
-    assert evaluate["run_id"] == train["run_id"] and 0.0 <= evaluate["metrics"]["map_50"] <= 1.0
+    assert evaluate["run_id"] == train["run_id"]
+    # the value the task published is the one evaluate logged on train's run
+    client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_runs['root'] / 'mlflow.db'}")
+    assert evaluate["metrics"]["map_50"] == client.get_run(train["run_id"]).data.metrics["test_map_50"]
     assert gate["passed"] is True and gate["model_version"] == "1"
     assert gate["message"] == f"gate passed for {train['model_uri']} at data version 0"
     assert tasks["gate_passed"]["outcome"] == "true"
@@ -133,7 +135,11 @@ def test_failed_gate_excludes_deploy_and_leaves_the_endpoint(pipeline_runs):
     # a failed gate is an outcome, not an error: the job is green and deploy never ran
     assert run["status"] == "SUCCESS", {k: t["message"] for k, t in tasks.items()}
     assert tasks["gate"]["values"]["passed"] is False
-    assert "map_50" in tasks["gate"]["values"]["message"] and tasks["gate"]["values"]["model_version"] is None
+    train, evaluate = tasks["train"]["values"], tasks["evaluate"]["values"]
+    assert tasks["gate"]["values"]["message"].startswith(
+        f"gate failed for {train['model_uri']} at data version 0: "
+        f"map_50 = {evaluate['metrics']['map_50']:.4f} (needs >= 1.01)")
+    assert tasks["gate"]["values"]["model_version"] is None
     assert tasks["gate_passed"]["outcome"] == "false"
     assert tasks["deploy"]["status"] == "EXCLUDED" and tasks["deploy"]["attempts"] == 0
     # re-ingesting the same files wrote nothing new; a new model was trained but not registered

@@ -23,7 +23,6 @@ from lakevision.config import DistributedSettings
 
 log = logging.getLogger(__name__)
 
-_DATABRICKS_LOCAL_DISK = "/local_disk0/tmp"  # ray/util/spark/databricks_hook.py's default temp root
 _AGENT_MARKERS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
 _LOCAL_WORKERS, _LOCAL_WORKER_CORES, _LOCAL_WORKER_MB = 2, 1, 2048
 LOCAL_CLUSTER_MASTER = f"local-cluster[{_LOCAL_WORKERS},{_LOCAL_WORKER_CORES},{_LOCAL_WORKER_MB}]"
@@ -52,15 +51,20 @@ def processes_matching(*markers: str, within: str | None = None) -> set[int]:
     return pids
 
 
+def _temp_parent() -> str | None:
+    """Where Ray's temp data goes: ``$RAY_TMPDIR``, else the system temp folder (Ray-on-Spark's
+    Databricks hook picks ``/local_disk0/tmp`` when given ``None``)."""
+    if "RAY_TMPDIR" in os.environ:
+        return os.environ["RAY_TMPDIR"]
+    return None if "DATABRICKS_RUNTIME_VERSION" in os.environ else tempfile.gettempdir()
+
+
 @contextlib.contextmanager
 def _private_temp_root() -> Iterator[str]:
-    """A Ray temp root of this cluster's own (sessions, sockets, logs), removed afterwards: nothing
-    is left in the shared temp folder, and this cluster's processes are recognizable by it. Short,
-    as Ray's socket paths must fit in 107 characters."""
-    parent = os.environ.get("RAY_TMPDIR")
-    if parent is None and "DATABRICKS_RUNTIME_VERSION" in os.environ and os.path.isdir(_DATABRICKS_LOCAL_DISK):
-        parent = _DATABRICKS_LOCAL_DISK  # where Ray-on-Spark puts its temp data on Databricks by default
-    root = tempfile.mkdtemp(prefix="lvray-", dir=parent)
+    """A local Ray temp root of this cluster's own (sessions, sockets, logs), removed afterwards:
+    nothing is left in the shared temp folder, and this cluster's processes are recognizable by
+    it. Short, as Ray's socket paths must fit in 107 characters."""
+    root = tempfile.mkdtemp(prefix="lvray-", dir=_temp_parent())
     try:
         yield root
     finally:
@@ -171,6 +175,14 @@ def _init_local(log_to_driver: bool, temp_root: str, attempts: int = 2) -> None:
             ray.shutdown()
 
 
+def _active_cluster_temp_dir() -> str:
+    """The temp folder of the Ray-on-Spark cluster just started (``ray-<port>-<id>``): its
+    processes carry it on their command lines, and nothing else does."""
+    from ray.util.spark import cluster_init
+
+    return cluster_init._active_ray_cluster.temp_dir
+
+
 def _setup_with_retry(setup, shutdown, kwargs: dict) -> str:
     """Ray-on-Spark's head node, started again once when its first start dies: under a loaded
     test suite the head process has failed with gRPC's "epoll_wait error: Bad file descriptor"
@@ -202,19 +214,26 @@ def _ray_on_spark(settings: DistributedSettings, spark, log_to_driver: bool) -> 
     # No num_cpus_worker_node / num_gpus_worker_node: left unset, Ray-on-Spark gives each Ray worker
     # node the whole Spark worker (all its cores for the data loaders, all its GPUs), where setting
     # them from spark.task.cpus gave a node one CPU (ray/util/spark/cluster_init.py).
-    with _private_temp_root() as temp_root:
-        kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
-                        "head_node_options": {"include_dashboard": False}, "ray_temp_root_dir": temp_root}
+    # No extra folder level here: Ray-on-Spark adds its own per-cluster ``ray-<port>-<id>`` folder,
+    # and under /local_disk0/tmp one more level pushes the socket paths past 107 characters.
+    kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
+                    "head_node_options": {"include_dashboard": False}, "ray_temp_root_dir": _temp_parent()}
+    cluster_dir = None
+    try:
+        address = _setup_with_retry(setup_ray_cluster, shutdown_ray_cluster, kwargs)
+        cluster_dir = _active_cluster_temp_dir()
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
         try:
-            address = _setup_with_retry(setup_ray_cluster, shutdown_ray_cluster, kwargs)
-            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=_RUNTIME_ENV)
-            try:
-                yield "ray_on_spark"
-            finally:
-                ray.shutdown()
-                shutdown_ray_cluster()
+            yield "ray_on_spark"
         finally:
+            ray.shutdown()
+            shutdown_ray_cluster()
+    finally:
+        if cluster_dir is not None:
             # agents this cluster started and shutdown left behind (they ignore SIGTERM); no other's
-            _kill(processes_matching(*_AGENT_MARKERS, within=temp_root))
-            if started_spark is not None:
-                started_spark.stop()
+            _kill(processes_matching(*_AGENT_MARKERS, within=cluster_dir))
+            shutil.rmtree(cluster_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):  # start_ray_node.py's lock beside the folder
+                os.remove(cluster_dir + ".lock")
+        if started_spark is not None:
+            started_spark.stop()
