@@ -61,13 +61,30 @@ def _check_columns(spark: SparkSession, ref: TableRef, expected: Sequence[str]) 
         raise SchemaDriftError(f"{ref.location}: table has columns {got}, the written data had {list(expected)}")
 
 
+def check_existing(spark: SparkSession, ref: TableRef, expected: Sequence[str], exact: bool = True) -> bool:
+    """Whether the table exists. One whose columns are not ``expected`` (``exact``), or lack some
+    of them, is refused before anything is written: Delta refuses such a write without
+    ``mergeSchema``, and Spark's error names neither the table nor the columns."""
+    if not table_exists(spark, ref):
+        return False
+    got = read_table(spark, ref).columns
+    missing = [c for c in expected if c not in got]
+    if missing or (exact and sorted(got) != sorted(expected)):
+        raise SchemaDriftError(f"{ref.location}: the existing table has columns {got}, this job "
+                               + (f"needs {missing}" if missing else f"writes {list(expected)}")
+                               + "; nothing was written (migrate the table or use another schema)")
+    return True
+
+
 def overwrite(spark: SparkSession, df: DataFrame, ref: TableRef) -> None:
     """Replace the table's content in one transaction (creating it if needed)."""
+    check_existing(spark, ref, df.columns)
     _write(df, ref, "overwrite")
     _check_columns(spark, ref, df.columns)
 
 
 def append(spark: SparkSession, df: DataFrame, ref: TableRef) -> None:
+    check_existing(spark, ref, df.columns)
     _write(df, ref, "append")
     _check_columns(spark, ref, df.columns)
 
@@ -85,7 +102,7 @@ def upsert(
 
     Returns the number of rows inserted or updated.
     """
-    if not table_exists(spark, ref):
+    if not check_existing(spark, ref, df.columns):
         _write(df, ref, "overwrite")
         _check_columns(spark, ref, df.columns)
         return read_table(spark, ref).count()  # the table, not df: df would be computed a second time

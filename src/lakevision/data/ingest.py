@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from lakevision import delta
+from lakevision.data.lineage import LINEAGE_TABLE, format_inputs, gold_inputs
 from lakevision.data.processor import QUARANTINE_KEYS, COCOProcessor
 from lakevision.runtime import Runtime
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 SILVER = ("categories", "images", "annotations")
 REPORTED = ("images", "annotations", "categories", "quarantine", "samples")
-LINEAGE_TABLE = "ingest_runs"
+# what a re-run reads from the tables an earlier run wrote (to skip known images and categories)
+KNOWN_COLUMNS = {"images": ("id", "file_name", "width", "height"), "categories": ("id",)}
 _SPLIT_BUCKETS = 10_000
 
 
@@ -112,21 +114,6 @@ def insufficient_categories(counts: dict[str, dict[str, int]], minimum: int) -> 
             for name, c in counts.items() if c["train"] < minimum]
 
 
-def _last_gold_inputs(rt: Runtime) -> str | None:
-    ref = rt.table(LINEAGE_TABLE)
-    if not delta.table_exists(rt.spark, ref):
-        return None
-    rows = (
-        delta.read_table(rt.spark, ref)
-        .filter("table_name = 'samples'")
-        .orderBy("finished_at", ascending=False)
-        .select("inputs")
-        .limit(1)
-        .collect()
-    )
-    return rows[0]["inputs"] if rows else None
-
-
 def run_ingest(rt: Runtime, annotations: str, images: str, progress: bool = False) -> IngestResult:
     t0 = time.monotonic()
     if "://" not in images and not Path(images).is_dir():
@@ -136,21 +123,22 @@ def run_ingest(rt: Runtime, annotations: str, images: str, progress: bool = Fals
     try:
         proc.load_coco_annotations(annotations)
         refs = {name: rt.table(name) for name in (*REPORTED, LINEAGE_TABLE)}
-        known = {n: delta.read_table(spark, refs[n]) if delta.table_exists(spark, refs[n]) else None
-                 for n in ("images", "categories")}
+        known = {n: delta.read_table(spark, refs[n]) if delta.check_existing(spark, refs[n], KNOWN_COLUMNS[n], exact=False)
+                 else None for n in KNOWN_COLUMNS}
         proc.set_known(known["images"], known["categories"])
         proc.check_images(images, progress=progress)
         found = proc.validate_data()
 
-        written = {
-            "categories": proc.save_to_delta(proc.valid_categories, refs["categories"].location),
-            "images": proc.save_to_delta(proc.valid_images, refs["images"].location),
-            "annotations": proc.save_to_delta(proc.valid_annotations, refs["annotations"].location),
-            "quarantine": proc.save_to_delta(proc.quarantine, refs["quarantine"].location, list(QUARANTINE_KEYS)),
-        }
+        silver = {"categories": proc.valid_categories, "images": proc.valid_images,
+                  "annotations": proc.valid_annotations, "quarantine": proc.quarantine}
+        for name, frame in silver.items():  # every table checked before the first is written
+            delta.check_existing(spark, refs[name], frame.columns)
+        written = {name: proc.save_to_delta(frame, refs[name].location,
+                                            list(QUARANTINE_KEYS) if name == "quarantine" else None)
+                   for name, frame in silver.items()}
         versions = {n: delta.table_version(spark, refs[n]) for n in (*SILVER, "quarantine")}
-        inputs = ",".join(f"{n}@{versions[n]}" for n in SILVER)
-        if not delta.table_exists(spark, refs["samples"]) or _last_gold_inputs(rt) != inputs:
+        inputs = format_inputs(versions, SILVER)
+        if not delta.table_exists(spark, refs["samples"]) or gold_inputs(rt) != inputs:
             delta.overwrite(spark, build_samples(rt, versions), refs["samples"])
             written["samples"] = 1
         versions["samples"] = delta.table_version(spark, refs["samples"])
