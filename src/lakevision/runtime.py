@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lakevision.errors import LakevisionError
 from lakevision.config import LakevisionConfig
 
 if TYPE_CHECKING:
@@ -154,6 +155,10 @@ class Runtime:
             self._sail = None
 
 
+def on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
 def local_root(root: str | os.PathLike | None = None) -> Path:
     """The local data root: ``root``, else ``$LAKEVISION_ROOT``, else ``.lakevision``."""
     return Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
@@ -164,7 +169,13 @@ def get_runtime(config: LakevisionConfig, root: str | os.PathLike | None = None)
     from pyspark.sql import SparkSession
 
     if config.target.runtime == "databricks":
-        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+        spark = SparkSession.getActiveSession()
+        if spark is None and not (on_databricks() or os.environ.get("SPARK_REMOTE")):
+            # getOrCreate() would start a local JVM Spark and run a workspace target on it
+            raise LakevisionError(f"target {config.target_name!r} runs on Databricks and there is no Spark session "
+                                  "here: run it as a bundle job, set SPARK_REMOTE (Databricks Connect), "
+                                  "or use --target local")
+        spark = spark or SparkSession.builder.getOrCreate()
         return Runtime(config=config, spark=spark, kind="databricks")
 
     from lakevision.local.sail import DEFAULT_SAIL_MODE, SAIL_MODE_ENV, SailServer

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lakevision.errors import LakevisionError
-from lakevision.runtime import DEFAULT_ROOT, ROOT_ENV, LocalLayout
+from lakevision.runtime import DEFAULT_ROOT, ROOT_ENV, LocalLayout, on_databricks
 from lakevision.tasks import TaskKind
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,6 @@ class NoRunError(LakevisionError, LookupError):
     """No finished training run to pick."""
 
 
-def on_databricks() -> bool:
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
-
-
 def local_tracking_uri(root: str | os.PathLike | None = None) -> str:
     root = Path(root or os.environ.get(ROOT_ENV, DEFAULT_ROOT))
     root.mkdir(parents=True, exist_ok=True)
@@ -63,6 +59,9 @@ def mlflow_client(tracking_uri: str, registry_uri: str | None = None):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 
 
+_BEST_RUN_CANDIDATES = 100
+
+
 def best_training_run(client, experiment_name: str, task: str, kind: TaskKind) -> dict[str, Any]:
     """The finished training run of ``task`` with the best ``best_<val metric>`` of its kind:
     its run id, model URI, metric name and value. A run that failed or logged no model is skipped."""
@@ -73,10 +72,11 @@ def best_training_run(client, experiment_name: str, task: str, kind: TaskKind) -
     order = "DESC" if kind.greater_is_better else "ASC"
     runs = client.search_runs([exp.experiment_id],
                               filter_string=f"attributes.status = 'FINISHED' and tags.`{TASK_TAG}` = '{task}'",
-                              order_by=[f"metrics.{metric} {order}"], max_results=1)
-    if not runs or MODEL_URI_TAG not in runs[0].data.tags:
+                              order_by=[f"metrics.{metric} {order}"], max_results=_BEST_RUN_CANDIDATES)
+    # a run that crashed after its status was set, or was logged by hand, may have no model
+    run = next((r for r in runs if MODEL_URI_TAG in r.data.tags), None)
+    if run is None:
         raise NoRunError(f"experiment {experiment_name!r} has no finished {task} training run with a model")
-    run = runs[0]
     return {"run_id": run.info.run_id, "model_uri": run.data.tags[MODEL_URI_TAG], "metric": metric,
             "value": run.data.metrics.get(metric)}
 
