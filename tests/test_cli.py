@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from deltalake import DeltaTable
@@ -16,7 +15,7 @@ from deltalake import DeltaTable
 from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
 
 from .conftest import REPO
-from .processes import owned, run
+from .processes import notebook_step, owned, run
 
 pytestmark = pytest.mark.slow  # ingest processes, one killed
 
@@ -52,18 +51,9 @@ def test_ingest_json_prints_exactly_one_object(dataset, tmp_path):
     assert out["quarantine_by_reason"] == {c: 1 for c in sorted(DEFECT_CODES)}
 
 
-def _notebook_step(name: str, widgets: dict[str, str], values: Path) -> subprocess.CompletedProcess:
-    """The job notebook jobs/<name>.py as a notebook task runs it: widgets in, task values out."""
-    from lakevision.local.job_runner import _NOTEBOOK_LAUNCHER
-
-    env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(REPO / "bundle" / "config"), LAKEVISION_TASK_TYPE="notebook_task",
-               LAKEVISION_TASK_VALUES=str(values), **{f"LAKEVISION_WIDGET_{k.upper()}": v for k, v in widgets.items()})
-    return run([sys.executable, "-c", _NOTEBOOK_LAUNCHER, str(REPO / "jobs" / f"{name}.py")], env=env, timeout=300)
-
-
 def test_job_notebook_publishes_values_and_prints_summary(dataset, tmp_path):
     root = tmp_path / "root"
-    proc = _notebook_step("ingest", {"annotations": str(dataset.annotation_file), "images": str(dataset.image_dir),
+    proc = notebook_step("ingest", {"annotations": str(dataset.annotation_file), "images": str(dataset.image_dir),
                                      "root": str(root)}, tmp_path / "values.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checking images" in proc.stderr
@@ -76,11 +66,11 @@ def test_job_notebook_publishes_values_and_prints_summary(dataset, tmp_path):
 
 
 def test_failing_job_notebook_fails_and_names_the_problem(dataset, tmp_path):
-    proc = _notebook_step("ingest", {"annotations": str(tmp_path / "missing.json"), "images": str(dataset.image_dir),
+    proc = notebook_step("ingest", {"annotations": str(tmp_path / "missing.json"), "images": str(dataset.image_dir),
                                      "root": str(tmp_path / "root")}, tmp_path / "values.json")
     assert proc.returncode != 0
     assert "missing.json" in proc.stderr.splitlines()[-1]
-    proc = _notebook_step("ingest", {"images": str(dataset.image_dir)}, tmp_path / "values.json")
+    proc = notebook_step("ingest", {"images": str(dataset.image_dir)}, tmp_path / "values.json")
     assert proc.returncode != 0
     assert "WidgetError: jobs/ingest: the following arguments are required: --annotations" in proc.stderr
 

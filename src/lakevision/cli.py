@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from lakevision.errors import LakevisionError
 from lakevision.jobs import STEPS
+from lakevision.jobs.base import positive_int
 
 # Sail logs every session at INFO, and a warning for each idle task it aborts at shutdown.
 os.environ.setdefault("RUST_LOG", "warn,sail_common::actor=error")
@@ -69,16 +70,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def defect_count(text: str) -> tuple[str, int]:
+    """``CODE`` or ``CODE=N`` with N >= 1."""
+    code, sep, n = text.partition("=")
+    return code, positive_int(n) if sep else 1
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from lakevision.data.synthetic import DEFECT_CODES, generate_dataset
 
-    defects = {}
-    for item in args.defect or []:
-        code, _, n = item.partition("=")
-        if code not in DEFECT_CODES:
-            raise UserError(f"--defect {item}: unknown code {code!r}; known: {', '.join(DEFECT_CODES)}")
-        defects[code] = int(n or 1)
-    ds = generate_dataset(args.out, num_images=args.images, seed=args.seed, defects=defects)
+    unknown = [code for code, _ in args.defect or [] if code not in DEFECT_CODES]
+    if unknown:
+        raise UserError(f"--defect {unknown[0]}: unknown code; known: {', '.join(DEFECT_CODES)}")
+    ds = generate_dataset(args.out, num_images=args.images, seed=args.seed, defects=dict(args.defect or []))
     summary = {"annotation_file": str(ds.annotation_file), "image_dir": str(ds.image_dir),
                "images": ds.num_images, "annotations": ds.num_annotations, "defects": ds.defects}
     print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
@@ -124,16 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write the synthetic shapes dataset (COCO format)")
     p.add_argument("--out", required=True)
-    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--images", type=positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--defect", action="append", metavar="CODE[=N]", help="inject N bad records with this reason")
+    p.add_argument("--defect", action="append", type=defect_count, metavar="CODE[=N]", help="inject N bad records with this reason")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="generate the sample dataset and run the cv_pipeline job end to end here")
     p.add_argument("--root", default=None, help="local data root (default: $LAKEVISION_ROOT or .lakevision)")
     p.add_argument("--bundle", default=".", help="folder with databricks.yml")
-    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--images", type=positive_int, default=400)
     p.set_defaults(func=cmd_demo)
 
     add_bundle_commands(sub)

@@ -44,8 +44,10 @@ def _report(run: JobRun, root: Path, sample: dict | None) -> list[str]:
         lines.append(f"Delta tables under {root / 'tables'}: {versions}; {ingest['quarantined']} records quarantined")
     train = values.get("train") or {}
     if train:
+        # no best value when no epoch produced the metric (e.g. max_epochs=0 or every val batch empty)
+        best = "n/a" if train.get("best_value") is None else f"{train['best_value']:.3f}"
         lines.append(f"MLflow run {train['run_id']}: {train['model_uri']} (best {train['best_metric']} "
-                     f"{train['best_value']:.3f}, data version {train['data_version']})")
+                     f"{best}, data version {train['data_version']})")
     metrics = (values.get("evaluate") or {}).get("metrics") or {}
     if metrics:
         shown = {k: v for k, v in metrics.items() if k in ("map", "map_50", "map_75", "accuracy", "miou")}

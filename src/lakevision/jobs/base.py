@@ -59,6 +59,21 @@ def optional_int(text: str) -> int | None:
     return int(text) if text.strip() else None
 
 
+def positive_int(text: str) -> int:
+    value = int(text)  # argparse turns the ValueError into "invalid positive_int value: 'x'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def percentage(text: str) -> int | None:
+    """1-100, or None for an empty job parameter."""
+    value = optional_int(text)
+    if value is not None and not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 1 to 100, got {value}")
+    return value
+
+
 def optional_str(text: str) -> str | None:
     return text or None
 

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from lakevision.jobs.base import Step, common_arguments, job_runtime, optional_str
+from lakevision.jobs.base import Step, common_arguments, job_runtime, optional_str, percentage
 from lakevision.tasks import TRAINING_TASKS
 from lakevision.jobs.gate import gate_lines
 
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", type=optional_str, default=None, help="registered model (default: deployment.model_name)")
     p.add_argument("--endpoint", type=optional_str, default=None,
                    help="serving endpoint (default: deployment.endpoint_name)")
-    p.add_argument("--traffic", type=int, default=None, metavar="P",
+    p.add_argument("--traffic", type=percentage, default=None, metavar="P",
                    help="canary share of the new version, 1-100 (default: deployment.canary.traffic_percentage)")
     p.add_argument("--model-uri", type=optional_str, default=None,
                    help="deploy this model instead of the experiment's best run")

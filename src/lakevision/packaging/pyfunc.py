@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import json
+import pickle
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -263,5 +264,6 @@ def load_image_model(model_uri: str) -> ImageModel:
 
     try:
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().image_model
-    except (MlflowException, OSError, AttributeError) as exc:
+    # torch.load of damaged weights raises UnpicklingError, EOFError or RuntimeError
+    except (MlflowException, OSError, AttributeError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:
         raise ModelLoadError(f"{model_uri}: cannot load the model: {exc}") from None
