@@ -3,7 +3,9 @@
 A step reads ``k=v`` arguments (from its widget ``args`` as a notebook task, from its command line
 as a Python file or wheel task) and acts on them: ``sleep=S``, ``fail=MSG``, ``exit=N``,
 ``counter=FILE fail_times=N`` (fail until the file counted N attempts), ``v:name=value`` (publish
-a task value), plus the job cluster's schema and the data root as values."""
+a task value), ``stamps=FILE`` (append the time this attempt's process started), ``spawn=FILE`` (start a
+sleeping grandchild in a session of its own, as Spark and Ray do, and write its pid), plus the job
+cluster's schema and the data root as values."""
 
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ STEP = """
 import os, sys, time
 from lakevision.bundle.task_context import set_task_values, widget
 args = dict(a.split("=", 1) for a in (widget("args").splitlines() if NOTEBOOK else sys.argv[1:]))
+if "stamps" in args:  # when the runner started this process: /proc's start time, not now (startup varies)
+    ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+    btime = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+    open(args["stamps"], "a").write(f"{btime + ticks / os.sysconf('SC_CLK_TCK')}\\n")
+if "spawn" in args:
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    open(args["spawn"], "w").write(str(child.pid))
 if "sleep" in args:
     time.sleep(float(args["sleep"]))
 counter = args.get("counter")

@@ -5,8 +5,11 @@ fail the run and fire its failure emails; plus condition tasks, run_if, retries 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from subprocess import CompletedProcess
 
@@ -262,3 +265,92 @@ def test_widget_reads_the_runner_environment(monkeypatch):
 
     monkeypatch.setenv("LAKEVISION_WIDGET_MODEL_URI", "models:/x/1")
     assert widget("model_uri", "d") == "models:/x/1" and widget("other", "d") == "d"
+
+
+def _dead_by(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while processes.alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not processes.alive(pid)
+
+
+def test_job_timeout_stops_the_running_task_and_the_rest(tmp_path):
+    tasks = [nb("a", "sleep=30"), nb("b", depends=["a"]), nb("c")]
+    run, _ = _run(mini_bundle(tmp_path, tasks, timeout_seconds=2), tmp_path / "data")
+    assert [(t.task_key, t.status) for t in run.tasks] == [("a", TIMED_OUT), ("b", UPSTREAM_FAILED), ("c", TIMED_OUT)]
+    assert run.task("a").message == "did not finish within 2 s" and run.task("c").attempts == 0
+    assert run.status == FAILED and run.seconds < 15
+
+
+def test_a_timed_out_task_is_killed_with_what_it_started(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    run, _ = _run(mini_bundle(tmp_path, [nb("a", f"spawn={pidfile}", "sleep=30", timeout_seconds=3)]), tmp_path / "data")
+    pid = int(pidfile.read_text())
+    try:
+        assert run.task("a").status == TIMED_OUT
+        # the grandchild left the task's process group, as Spark and Ray daemons do; it died anyway
+        assert _dead_by(pid)
+    finally:
+        processes.kill_group(pid, grace_s=0)
+
+
+def test_sigterm_to_the_runner_kills_the_running_task_tree(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    root = mini_bundle(tmp_path, [nb("a", f"spawn={pidfile}", "sleep=60")])
+    argv = [sys.executable, "-m", "lakevision.cli", "bundle", "run", "j", "--bundle", str(root), "--root", str(tmp_path / "data")]
+    with processes.owned(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as runner:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() or not pidfile.read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, runner.stderr.read()
+            time.sleep(0.1)
+        pid = int(pidfile.read_text())
+        task = [p for p in processes.descendants(runner.pid) if "step_nb.py" in processes.command_line(p)]
+        try:
+            assert task, "the task process is not under the runner"
+            runner.send_signal(signal.SIGTERM)
+            assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+            assert _dead_by(pid) and all(_dead_by(p) for p in task)
+        finally:
+            processes.kill_group(pid, grace_s=0)
+
+
+def test_unsupported_task_types_fail_naming_the_type(tmp_path):
+    tasks = [{"task_key": "sql", "sql_task": {"warehouse_id": "w1", "query": {"query_id": "q1"}}},
+             nb("after", depends=["sql"])]
+    run, _ = _run(mini_bundle(tmp_path, tasks), tmp_path / "data")
+    assert run.task("sql").status == FAILED and run.task("sql").message == (
+        "task 'sql': a sql_task cannot run on this machine; only python_wheel_task, spark_python_task, "
+        "notebook_task and condition_task can")
+    assert run.task("after").status == UPSTREAM_FAILED and run.status == FAILED
+
+
+def test_a_condition_on_a_missing_value_fails_and_excludes_its_branch(tmp_path):
+    tasks = [nb("a", "v:x=1"),
+             {"task_key": "check", "depends_on": [{"task_key": "a"}],
+              "condition_task": {"op": "EQUAL_TO", "left": "{{tasks.a.values.nope}}", "right": "1"}},
+             nb("then", depends=[{"task_key": "check", "outcome": "true"}])]
+    run, _ = _run(mini_bundle(tmp_path, tasks), tmp_path / "data")
+    check = run.task("check")
+    assert check.status == FAILED and check.outcome is None
+    assert check.message == ("task 'check': {{tasks.a.values.nope}}: task 'a' set no value 'nope' "
+                             "(it set: ['env_schema', 'root', 'x'])")
+    assert run.task("then").status == UPSTREAM_FAILED and run.status == FAILED
+
+
+def test_retry_interval_counts_from_the_start_of_the_failed_attempt(tmp_path):
+    counter, stamps = tmp_path / "count", tmp_path / "stamps"
+    # the attempt fails after at least 1 s; the retry starts 4 s after the failed attempt started,
+    # where an interval counted from its end would start it 5 s or more after
+    tasks = [nb("flaky", f"stamps={stamps}", "sleep=1", f"counter={counter}", "fail_times=1",
+                max_retries=1, min_retry_interval_millis=4000)]
+    run, _ = _run(mini_bundle(tmp_path, tasks), tmp_path / "data")
+    assert run.task("flaky").status == SUCCESS and run.task("flaky").attempts == 2
+    first, second = (float(line) for line in stamps.read_text().split())
+    assert 3.95 <= second - first < 4.9
+
+
+def test_retries_minus_one_retries_until_success(tmp_path):
+    counter = tmp_path / "count"
+    run, _ = _run(mini_bundle(tmp_path, [nb("a", f"counter={counter}", "fail_times=3", max_retries=-1)]),
+                  tmp_path / "data")
+    assert run.task("a").status == SUCCESS and run.task("a").attempts == 4

@@ -20,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 
 from lakevision.bundle.loader import Bundle, BundleError, Problem
 from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VALUES_ENV, widget_env
+from lakevision.local.process_tree import kill_tree
 from lakevision.local.bundle_validate import DYNAMIC_REF, notebook_file, validate_bundle
 from lakevision.errors import LakevisionError
 from lakevision.runtime import ROOT_ENV, LocalLayout
@@ -36,6 +38,7 @@ SUCCESS, FAILED, UPSTREAM_FAILED, EXCLUDED, TIMED_OUT = "SUCCESS", "FAILED", "UP
 _LOG_TAIL_LINES = 12
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HEARTBEAT_S = 30.0  # how often a long task reports its latest log line
+KILL_GRACE_S = 10.0  # a task being cancelled gets this long to end its MLflow run and clean up
 
 # Runs the console script `entry_point` of distribution `package` with the remaining arguments,
 # as a python_wheel_task does on a cluster: the entry point's return value is ignored (see
@@ -280,36 +283,44 @@ class LocalJobRunner:
         env.pop(TASK_VALUES_ENV, None)
         if kind == NOTEBOOK_TASK:  # the only task type whose values Databricks keeps
             env[TASK_VALUES_ENV] = str(values_file)
-        retries = int(task.get("max_retries") or 0)
+        retries = int(task.get("max_retries") or 0)  # -1: until it succeeds (or the job times out)
+        # measured from the start of the failed attempt, as the Jobs API defines it
         interval = int(task.get("min_retry_interval_millis") or 0) / 1000
-        limit = task.get("timeout_seconds") or None
-        for attempt in range(1, retries + 2):
+        limit = task.get("timeout_seconds") or None  # 0: no timeout
+        attempt = 0
+        while True:
+            attempt += 1
             result.attempts = attempt
             values_file.unlink(missing_ok=True)
             timeout = limit
             if deadline is not None:
                 timeout = min(timeout or 1e9, max(1.0, deadline - time.monotonic()))
+            started = time.monotonic()
             with open(log, "a") as out:
                 shown = argv[3:] if argv[1] == "-c" else argv[1:]  # the launcher's code is noise
-                out.write(f"=== attempt {attempt}: {shlex.join(shown)}\n")
+                out.write(f"=== attempt {attempt} at {time.strftime('%H:%M:%S')}: {shlex.join(shown)}\n")
                 out.flush()
                 # its own session, so a timeout kills the task's Spark, Ray and workspace children too
                 code = self._wait(subprocess.Popen(argv, cwd=self.bundle.root, env=env, stdout=out,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                    start_new_session=True),
                                   timeout, result, log)
-            if code is None:
-                result.status, result.message = TIMED_OUT, f"did not finish within {timeout:.0f} s"
-                return result
             if code == 0:
                 result.status = SUCCESS
                 result.values = json.loads(values_file.read_text()) if values_file.exists() else {}
                 result.message = _summary(result.values)
                 return result
-            result.message = f"exit code {code}: {_tail(log)}"
-            if attempt <= retries:
-                time.sleep(interval)
-        return result
+            if code is None:
+                result.status, result.message = TIMED_OUT, f"did not finish within {timeout:.0f} s"
+                if not task.get("retry_on_timeout"):  # by default a timed-out task is not retried
+                    return result
+            else:
+                result.status, result.message = FAILED, f"exit code {code}: {_tail(log)}"
+            if retries != -1 and attempt > retries:
+                return result
+            if deadline is not None and time.monotonic() + interval >= deadline:
+                return result  # no time left in the job for another attempt
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def _wait(self, proc: subprocess.Popen, timeout: float | None, result: TaskRun, log: Path) -> int | None:
         """The exit code, or None after killing a process that ran past ``timeout``; reports the
@@ -319,15 +330,13 @@ class LocalJobRunner:
         while True:
             try:
                 return proc.wait(timeout=1.0)
-            except KeyboardInterrupt:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through _exit_on_sigterm
+                kill_tree(proc.pid, grace_s=KILL_GRACE_S)
                 raise
             except subprocess.TimeoutExpired:
                 now = time.monotonic()
                 if timeout is not None and now - started > timeout:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
+                    kill_tree(proc.pid)
                     proc.wait()
                     return None
                 if now - beat >= HEARTBEAT_S:
@@ -368,30 +377,9 @@ class LocalJobRunner:
             "job.start_time.timestamp_ms": str(run_id)}}
         order = topological_order(job.get("tasks") or [])
         runs: dict[str, TaskRun] = {}
-        for i, task in enumerate(order, 1):
-            tkey = task["task_key"]
-            deps = [_dep_state(d, runs[d["task_key"]]) for d in task.get("depends_on") or []]
-            skip = decide(task.get("run_if", "ALL_SUCCESS"), deps)
-            if skip is None and deadline is not None and time.monotonic() > deadline:
-                skip = TIMED_OUT
-            if skip is not None:
-                runs[tkey] = TaskRun(tkey, skip, message="not run: " + ", ".join(
-                    f"{d['task_key']} {runs[d['task_key']].status.lower()}"
-                    + (f" (outcome {runs[d['task_key']].outcome}, needs {d['outcome']})" if "outcome" in d else "")
-                    for d in task.get("depends_on") or []))
-                self._report("done", runs[tkey], i, len(order))
-                continue
-            self._report("start", TaskRun(tkey, "RUNNING"), i, len(order))
-            ctx["run"].update({"task.name": tkey, "task.run_id": f"{run_id}-{i}", "task.execution_count": "1"})
-            t0 = time.monotonic()
-            if "condition_task" in task:
-                result = self._run_condition(task, ctx)
-            else:
-                result = self._run_process(task, job, job_key, ctx, run_dir, deadline)
-            result.seconds = round(time.monotonic() - t0, 2)
-            runs[tkey] = result
-            ctx["values"][tkey] = result.values
-            self._report("done", result, i, len(order))
+        with _exit_on_sigterm():
+            for i, task in enumerate(order, 1):
+                self._run_task(task, i, len(order), job, job_key, runs, ctx, run_id, run_dir, deadline)
         tasks = [runs[t["task_key"]] for t in job.get("tasks") or []]
         failed = any(t.status in (FAILED, TIMED_OUT) for t in tasks)
         status = FAILED if failed else SUCCESS
@@ -400,9 +388,53 @@ class LocalJobRunner:
         (run_dir / "run.json").write_text(json.dumps(run.to_json(), indent=2))
         return run
 
+    def _run_task(self, task: dict, i: int, n: int, job: dict, job_key: str, runs: dict[str, TaskRun],
+                  ctx: dict, run_id: int, run_dir: Path, deadline: float | None) -> None:
+        tkey = task["task_key"]
+        deps = [_dep_state(d, runs[d["task_key"]]) for d in task.get("depends_on") or []]
+        skip = decide(task.get("run_if", "ALL_SUCCESS"), deps)
+        if skip is None and deadline is not None and time.monotonic() > deadline:
+            skip = TIMED_OUT
+        if skip is not None:
+            runs[tkey] = TaskRun(tkey, skip, message="not run: " + ", ".join(
+                f"{d['task_key']} {runs[d['task_key']].status.lower()}"
+                + (f" (outcome {runs[d['task_key']].outcome}, needs {d['outcome']})" if "outcome" in d else "")
+                for d in task.get("depends_on") or []))
+            self._report("done", runs[tkey], i, n)
+            return
+        self._report("start", TaskRun(tkey, "RUNNING"), i, n)
+        ctx["run"].update({"task.name": tkey, "task.run_id": f"{run_id}-{i}", "task.execution_count": "1"})
+        t0 = time.monotonic()
+        if "condition_task" in task:
+            result = self._run_condition(task, ctx)
+        else:
+            result = self._run_process(task, job, job_key, ctx, run_dir, deadline)
+        result.seconds = round(time.monotonic() - t0, 2)
+        runs[tkey] = result
+        ctx["values"][tkey] = result.values
+        self._report("done", result, i, n)
+
     def _report(self, event: str, task: TaskRun, i: int, n: int) -> None:
         if self.progress is not None:
             self.progress(event, task, i, n)
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """SIGTERM ends a run as Ctrl-C does: the running task is killed with everything it started
+    (a scheduler or CI cancelling the runner must not leave Spark or Ray behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def notifications(job: dict, status: str) -> dict[str, list[str]]:
