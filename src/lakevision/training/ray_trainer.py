@@ -93,7 +93,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     report = RayTrainReportCallback()
-    callbacks: list[pl.Callback] = [report, _EpochLogger(cfg["metrics_file"])]
+    # Lightning calls on_train_epoch_end in list order: the epoch's metrics must be on disk before its
+    # checkpoint is reported, or a worker killed in between resumes past an epoch the run never logged
+    callbacks: list[pl.Callback] = [_EpochLogger(cfg["metrics_file"]), report]
     if opt["early_stopping_patience"]:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=opt["early_stopping_patience"]))
     trainer = pl.Trainer(
@@ -215,9 +217,13 @@ class RayTrainer:
         checkpoints Ray kept."""
         if run_id:
             client = mlflow_client(tracking_uri)
-            keys = client.get_run(run_id).data.metrics
-            return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: (m.step, m.timestamp))]
-                    for k in keys}
+            history = {}
+            for k in client.get_run(run_id).data.metrics:
+                # an epoch a replaced worker group ran again is logged twice: its last value counts
+                by_epoch = {m.step: m.value for m in sorted(client.get_metric_history(run_id, k),
+                                                              key=lambda m: (m.step, m.timestamp))}
+                history[k] = [by_epoch[e] for e in sorted(by_epoch)]
+            return history
         rows = {int(m.get("epoch", -1)): m for _, m in result.best_checkpoints or []}
         if result.metrics:
             rows[int(result.metrics.get("epoch", -1))] = result.metrics
