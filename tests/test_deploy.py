@@ -176,3 +176,63 @@ def test_pipeline_creates_canaries_promotes_refuses_and_rolls_back(ingested_runt
     assert registry.by_alias(CHAMPION).version == "2"
     with pytest.raises(DeploymentError, match="does not exist"):
         server.monitor_endpoint("no-such-endpoint")
+
+
+def test_new_endpoint_failing_its_smoke_test_is_deleted(ingested_runtime, workspace):
+    rt = _runtime(ingested_runtime)
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    broken, _ = log_trained_model(rt, seed=21)
+    version = ModelRegistry(rt, "broken_model").register(broken)[0].version
+    corrupt_weights(broken)
+    pipeline = DeploymentPipeline(workspace, TOKEN, "broken_model", "lakevision", runtime=rt, task="classification")
+    result = pipeline.deploy("never-healthy", version)
+    assert result["status"] == "rolled_back" and result["action"] == "created_then_deleted"
+    (problem,) = result["smoke"]["problems"]
+    assert problem.startswith(f"endpoint never-healthy: creating it with broken_model v{version} failed: ")
+    assert problem.endswith(f"loading models:/broken_model/{version} failed: UnpicklingError: invalid load key, 'n'.)")
+    # a new endpoint has nothing to go back to: it is gone, record and all
+    assert not pipeline.server.exists("never-healthy")
+    assert not (rt.root / "workspace" / "endpoints" / "never-healthy.json").exists()
+
+
+def test_already_serving_changes_nothing(ingested_runtime, workspace):
+    rt = _runtime(ingested_runtime)
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    uri, _ = log_trained_model(rt, seed=22)
+    version = ModelRegistry(rt, "steady_model").register(uri)[0].version
+    pipeline = DeploymentPipeline(workspace, TOKEN, "steady_model", "lakevision", runtime=rt, task="classification")
+    assert pipeline.deploy("steady", version)["action"] == "created"
+    before = pipeline.server.monitor_endpoint("steady")
+    again = pipeline.deploy("steady", version)
+    assert again == {"status": "deployed", "action": "already_serving", "version": version, "steps": []}
+    after = pipeline.server.monitor_endpoint("steady")
+    assert after["config_version"] == before["config_version"] and after["routes"] == before["routes"]
+    pipeline.server.delete_endpoint("steady")
+
+
+def test_smoke_bounds_on_errors_and_p99_latency(ingested_runtime, workspace, images):
+    rt = _runtime(ingested_runtime, "deployment.canary.smoke_requests=4", "deployment.canary.max_p99_latency_ms=0.001")
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    uri, _ = log_trained_model(rt, seed=23)
+    version = ModelRegistry(rt, "bounded_model").register(uri)[0].version
+    pipeline = DeploymentPipeline(workspace, TOKEN, "bounded_model", "lakevision", runtime=rt, task="classification")
+    entity = f"bounded_model-{version}"
+    server = pipeline.server
+    server.model_version = version
+    server.create_endpoint("bounded", "Standard_DS3_v2", 0, 1)
+    try:
+        # no model answers in 1 microsecond: the p99 bound alone fails the smoke test
+        slow = pipeline.smoke_test("bounded", entity, 100, images)
+        assert slow["errors"] == 0 and slow["requests"] == 4 and slow["answered_by_new"] == 4
+        p99 = slow["endpoint_metrics"]["latency_p99_ms"]
+        assert slow["problems"] == [f"{entity} p99 latency {p99:.1f} ms > 0.001 ms"] and not slow["healthy"]
+        # requests that fail: the client-side count and the endpoint's own error rate are both bounds
+        failing = pipeline.smoke_test("bounded", entity, 100, ["%%%"])
+        assert failing["errors"] == failing["requests"] == 40  # kept trying for the new version's share, up to 10x
+        assert failing["problems"][:3] == [
+            "40/40 smoke requests failed (max error rate 0)",
+            f"{entity} error rate {failing['endpoint_metrics']['error_rate']:.3f} in the endpoint's metrics",
+            f"{entity} answered 0 of 40 requests, fewer than 4"]
+        assert failing["failures"][0].endswith("row 0: `image` is not valid base64")
+    finally:
+        server.delete_endpoint("bounded")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from lakevision.data.samples import load_split
 from .conftest import CONFIG_DIR
 from .models import log_trained_model
 from .mini_bundle import mini_bundle, nb
-from .processes import kill_group
+from .processes import kill_group, run
 
 pytestmark = pytest.mark.slow  # a deployment and its traffic
 
@@ -138,3 +140,32 @@ def test_local_trigger_starts_the_job_with_the_last_parameters(tmp_path, spark, 
         kill_group(started["pid"])  # the run this test started, finished or not
     run = json.loads(runs[0].read_text())
     assert run["status"] == "SUCCESS" and run["tasks"][0]["values"]["got"] == "the-last-data"
+
+
+def test_unhealthy_endpoint_fails_the_monitor_job(deployed):
+    """The job's alerting purpose: failed requests above the bound make `lakevision monitor` exit 2,
+    so the run fails and its failure emails go out. Last in this module: these failures stay in
+    the endpoint's one-minute metrics window."""
+    rt, ws, url, _ = deployed
+    server = ModelServer(url, TOKEN, "lakevision_detector")
+    good, bad = 5, 5
+    for image in [_jpeg(np.zeros((32, 32, 3), np.uint8))] * good:
+        server.query(ENDPOINT, [image])
+    for _ in range(bad):
+        with pytest.raises(Exception, match="base64|decode|image"):
+            server.query(ENDPOINT, ["not an image"])
+    # the window also holds what the module's earlier tests sent in the last minute: the bound is
+    # half the rate now, which only rises as older (successful) requests leave the window
+    bound = round(server.monitor_endpoint(ENDPOINT)["metrics"]["error_rate"] / 2, 3)
+    assert bound > 0
+    env = dict(os.environ, LAKEVISION_CONFIG_DIR=str(CONFIG_DIR), DATABRICKS_TOKEN=TOKEN)
+    proc = run([sys.executable, "-m", "lakevision.cli", "monitor", "--root", str(rt.root), "--endpoint", ENDPOINT,
+                "--host", url, "--no-retrain", "--json", "--set", f"deployment.monitoring.max_error_rate={bound}"],
+               env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    ((entity, m),) = json.loads(proc.stdout)["health"]["status"]["metrics"]["per_entity"].items()
+    assert entity == f"{rt.config.deployment.model_name}-1"
+    assert m["errors_4xx"] == bad and m["errors_5xx"] == 0 and m["requests"] >= good + bad
+    assert m["error_rate"] == pytest.approx(bad / m["requests"])
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"lakevision monitor: error: endpoint {ENDPOINT}: {entity}: error rate {bad / m['requests']:.3f} > {bound:g}")

@@ -1,5 +1,11 @@
-"""The bundle's cv_pipeline job run end to end here by `lakevision bundle run` on tiny data:
-once through deploy, then again with a gate it cannot pass (deploy excluded, endpoint unchanged)."""
+"""The bundle's cv_pipeline job run end to end here by `lakevision bundle run` on tiny data, through
+deploy, then the monitor job on what it deployed.
+
+A gate the model cannot pass is not run through the whole job again (a minute and a half of
+training for one branch): its parts are tested where they live. The gate notebook with
+`continue_on_fail` ends green and publishes `passed: false` (test_deploy_job.py), a false
+outcome excludes the task that depends on "true" (test_bundle_runner.py), and cv_pipeline wires
+deploy to that outcome (test_bundle.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from lakevision.data.synthetic import generate_dataset
 from .processes import run
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow  # the whole cv_pipeline job twice
+pytestmark = pytest.mark.slow  # the whole cv_pipeline job
 
 TINY = {
     "training": {"data": {"image_size": 64, "batch_size": 2, "loader_workers": 0},
@@ -48,11 +54,9 @@ def _run_pipeline(root: Path, data, profile: Path) -> dict:
                     "--param", f"annotations={data.annotation_file}", "--param", f"images={data.image_dir}")
 
 
-def _profile(tmp_path: Path, name: str, threshold: float) -> Path:
-    doc = json.loads(json.dumps(TINY))
-    doc["deployment"]["metrics_threshold"] = {"map_50": threshold}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
+def _profile(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
     return path
 
 
@@ -78,12 +82,11 @@ def pipeline_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     data = generate_dataset(base / "data", num_images=24, seed=5, image_size=(128, 160))
     root = base / "root"
-    first = _run_pipeline(root, data, _profile(base, "pass", 0.0))
+    first = _run_pipeline(root, data, _profile(base))
     serving = _serving(root)
     aliases = _mlflow_state(root)
     monitor = _run_job(root, "monitor")
-    second = _run_pipeline(root, data, _profile(base, "fail", 1.01))
-    return {"root": root, "first": first, "second": second, "serving_after_first": serving,
+    return {"root": root, "first": first, "serving_after_first": serving,
             "mlflow_after_first": aliases, "monitor": monitor}
 
 
@@ -127,27 +130,6 @@ def test_deployed_state_is_real(pipeline_runs):
     assert DeltaTable(str(root / "tables" / SCHEMA / "samples")).version() == 0
     logs = Path(pipeline_runs["first"]["run_dir"])
     assert {p.name for p in logs.glob("*.log")} == {f"{k}.log" for k in ("ingest", "train", "evaluate", "gate", "deploy")}
-
-
-def test_failed_gate_excludes_deploy_and_leaves_the_endpoint(pipeline_runs):
-    run = pipeline_runs["second"]
-    tasks = _tasks(run)
-    # a failed gate is an outcome, not an error: the job is green and deploy never ran
-    assert run["status"] == "SUCCESS", {k: t["message"] for k, t in tasks.items()}
-    assert tasks["gate"]["values"]["passed"] is False
-    train, evaluate = tasks["train"]["values"], tasks["evaluate"]["values"]
-    assert tasks["gate"]["values"]["message"].startswith(
-        f"gate failed for {train['model_uri']} at data version 0: "
-        f"map_50 = {evaluate['metrics']['map_50']:.4f} (needs >= 1.01)")
-    assert tasks["gate"]["values"]["model_version"] is None
-    assert tasks["gate_passed"]["outcome"] == "false"
-    assert tasks["deploy"]["status"] == "EXCLUDED" and tasks["deploy"]["attempts"] == 0
-    # re-ingesting the same files wrote nothing new; a new model was trained but not registered
-    assert tasks["ingest"]["values"]["samples_version"] == 0
-    assert tasks["train"]["values"]["model_uri"] != _tasks(pipeline_runs["first"])["train"]["values"]["model_uri"]
-    root = pipeline_runs["root"]
-    assert _serving(root) == pipeline_runs["serving_after_first"]
-    assert _mlflow_state(root) == pipeline_runs["mlflow_after_first"]
 
 
 def test_monitor_job_checks_the_deployed_endpoint(pipeline_runs):
