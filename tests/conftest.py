@@ -1,10 +1,12 @@
-"""Shared fixtures: one real Sail server for the session, a fresh table root per test, and a suite
+"""Shared fixtures: one real Sail server per test process, a fresh table root per test, and a suite
 that leaves the machine as it found it.
 
 Everything the suite starts inherits two things set here, before any test runs: a private temp
 folder (``TMPDIR``; Ray, Lightning and pytest's own tmp paths land in it) and a marker variable.
-When the session ends, a process still carrying the marker is a leak, and so is anything left in
-the private temp folder but pytest's own: both fail the run, after they are killed and removed.
+Under pytest-xdist the controller sets both and its workers inherit them. When the session ends
+(in the controller, after its workers are gone), a process still carrying the marker is a leak,
+and so is anything left in the private temp folder but pytest's own: both fail the run, after
+they are killed and removed, and each leftover names the test after which it first appeared.
 """
 
 from __future__ import annotations
@@ -22,16 +24,32 @@ import pytest
 os.environ.setdefault("RUST_LOG", "warn,sail_common::actor=error")
 
 SESSION_ENV = "LVTEST_SESSION"  # not LAKEVISION_*: some tests clear those from their children's env
-_SESSION = uuid.uuid4().hex
-os.environ[SESSION_ENV] = _SESSION
-_SYSTEM_TMP = Path(tempfile.gettempdir())
-_TMP = Path(tempfile.mkdtemp(prefix="lvt-", dir=_SYSTEM_TMP))  # short: Ray's socket paths must fit in 107 chars
+_TMP_ENV = "LVTEST_TMP"
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set before a worker imports this file
+if _WORKER is None:  # the controller, or a run without xdist: this process owns the session
+    os.environ[SESSION_ENV] = uuid.uuid4().hex
+    _SYSTEM_TMP = Path(tempfile.gettempdir())
+    # short: Ray's socket paths must fit in 107 characters
+    os.environ[_TMP_ENV] = tempfile.mkdtemp(prefix="lvt-", dir=_SYSTEM_TMP)
+    os.environ["LVTEST_SYSTEM_TMP"] = str(_SYSTEM_TMP)
+_SESSION = os.environ[SESSION_ENV]
+_SYSTEM_TMP = Path(os.environ["LVTEST_SYSTEM_TMP"])
+_TMP = Path(os.environ[_TMP_ENV])
 os.environ["TMPDIR"] = str(_TMP)
+# What libraries keep in the temp folder on import and never remove, one of each per machine:
+# torch's compile cache (importing torchvision creates it; the suite gives it a folder of its own)
+# and ONNX Runtime's telemetry session file (its native code writes $TMPDIR/.ses). Both go with
+# the suite's temp folder; anything else left there is a leak.
+_SESSION_CACHES = {"torchinductor", ".ses"}
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_TMP / "torchinductor")
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+# a child temp folder's name: one letter per test process, so workers never collide, and short
+_CHILD_TMP_PREFIX = "c" if _WORKER is None else chr(ord("a") + int(_WORKER.removeprefix("gw")) % 26)
 _CHILD_TMP_NUMBERS = itertools.count()
 # what a training run may leave in the system temp folder; none of it may appear there during the suite
 _LEAK_PATTERNS = ("lightning_checkpoints-*", "checkpoint_tmp_*", "ray", "ray-*", "lvray-*", "lakevision-*")
 _SYSTEM_BEFORE = {p.name for pattern in _LEAK_PATTERNS for p in _SYSTEM_TMP.glob(pattern)}
+_FIRST_SEEN: dict[str, str] = {}  # leftover in the private temp folder -> the test after which it appeared
 
 from lakevision.config import load_config  # noqa: E402
 from lakevision.local.sail import SailServer  # noqa: E402
@@ -80,7 +98,7 @@ def ingested_runtime(spark, tmp_path_factory):
 def child_tmp(tmp_path_factory) -> Path:
     """A short private temp folder for a test's child processes (give it as their ``TMPDIR``),
     removed after the test: Ray sessions, Lightning's checkpoint staging and the like."""
-    path = _TMP / f"c{next(_CHILD_TMP_NUMBERS)}"  # two characters: Ray-on-Spark's socket paths are long
+    path = _TMP / f"{_CHILD_TMP_PREFIX}{next(_CHILD_TMP_NUMBERS)}"  # short: Ray-on-Spark's socket paths are long
     path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -103,11 +121,44 @@ def _mlflow_uris():
             os.environ[key] = value
 
 
+# The longest modules (pytest --durations, 2 cores), first: with two xdist workers taking whole
+# files in collection order, a long one started last would leave the other worker idle at the end
+_LONGEST_FIRST = ("test_training_ray.py", "test_pipeline_e2e.py", "test_deploy_job.py", "test_notebooks.py",
+                  "test_deploy.py", "test_monitor.py", "test_explain.py", "test_workspace.py")
+
+
 def pytest_collection_modifyitems(items):
-    """Everything not marked slow is the unit tier (`make test-fast`)."""
+    """Everything not marked slow is the unit tier (`make test-fast`); the longest modules run first."""
     for item in items:
         if item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-module order is kept
+
+
+def _temp_leftovers() -> set[str]:
+    return {p.name for p in _TMP.iterdir() if not p.name.startswith("pytest-of-")} - _SESSION_CACHES
+
+
+_RUNS_TESTS = True  # false in an xdist controller: the tests run in its workers, which keep their own
+
+
+def pytest_configure(config):
+    global _RUNS_TESTS
+    _RUNS_TESTS = _WORKER is not None or config.getoption("dist", "no") == "no"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid, location):
+    if _RUNS_TESTS:
+        for name in _temp_leftovers() - _FIRST_SEEN.keys():
+            _FIRST_SEEN[name] = nodeid
+
+
+def pytest_testnodedown(node, error):
+    """The controller collects what each xdist worker saw appear, and after which of its tests."""
+    for name, nodeid in getattr(node, "workeroutput", {}).get("lvtest_first_seen", {}).items():
+        _FIRST_SEEN.setdefault(name, nodeid)
 
 
 def _leaked_processes() -> list[int]:
@@ -126,21 +177,28 @@ def _leaked_processes() -> list[int]:
     return found
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the run for any process or temp file the tests left behind (and clean it up)."""
+    """Fail the run for any process or temp file the tests left behind (and clean it up). Runs in
+    the controller after everything else, xdist's shutdown of its workers included."""
+    result = yield
+    if _WORKER is not None:
+        session.config.workeroutput["lvtest_first_seen"] = dict(_FIRST_SEEN)
+        return result
     problems = []
     for pid in _leaked_processes():
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
-        problems.append(f"process {pid} outlived the suite: {cmd}")
         try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
             os.kill(pid, signal.SIGKILL)
         except OSError:
-            pass
-    left = sorted(p.name for p in _TMP.iterdir() if not p.name.startswith("pytest-of-"))
-    problems += [f"left in the suite's temp folder: {name}" for name in left]
+            continue  # it ended on its own meanwhile
+        problems.append(f"process {pid} outlived the suite: {cmd}")
+    problems += [f"left in the suite's temp folder: {name} (first seen after {_FIRST_SEEN.get(name, 'the last test')})"
+                 for name in sorted(_temp_leftovers())]
     system = {p.name for pattern in _LEAK_PATTERNS for p in _SYSTEM_TMP.glob(pattern)}
     problems += [f"left in {_SYSTEM_TMP}: {name}" for name in sorted(system - _SYSTEM_BEFORE)]
     shutil.rmtree(_TMP, ignore_errors=True)
     if problems:
         print("\nthe suite did not leave the machine as it found it:\n  " + "\n  ".join(problems))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return result

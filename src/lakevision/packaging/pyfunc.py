@@ -15,6 +15,7 @@ import binascii
 import io
 import json
 import pickle
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -234,7 +235,6 @@ def log_image_model(model: torch.nn.Module, spec: ServingSpec, example_image: by
 
     The package's own code travels with the model (``code_paths``), so a serving container
     needs only the pinned requirements."""
-    import tempfile
 
     import lakevision
 
@@ -258,12 +258,24 @@ class ModelLoadError(LakevisionError, RuntimeError):
     """A model URI that does not lead to a loadable model."""
 
 
+def load_pyfunc(model_uri: str) -> tuple[mlflow.pyfunc.PyFuncModel, list[str]]:
+    """The model and its requirements.txt lines, from one download that is removed afterwards.
+
+    MLflow downloads a model into a fresh temp folder on every load and never removes it; the
+    model keeps nothing on disk (``load_context`` reads the weights into memory)."""
+    with tempfile.TemporaryDirectory(prefix="lakevision-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        requirements = local / "requirements.txt"
+        lines = requirements.read_text().splitlines() if requirements.exists() else []
+        return mlflow.pyfunc.load_model(str(local)), lines
+
+
 def load_image_model(model_uri: str) -> ImageModel:
     """The logged pyfunc's :class:`ImageModel` (the torch module and its spec)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().image_model
+        return load_pyfunc(model_uri)[0].unwrap_python_model().image_model
     # torch.load of damaged weights raises UnpicklingError, EOFError or RuntimeError
     except (MlflowException, OSError, AttributeError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:
         raise ModelLoadError(f"{model_uri}: cannot load the model: {exc}") from None

@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 class LoadedModel(NamedTuple):
@@ -40,11 +39,10 @@ def check_installable(requirements: list[str]) -> None:
 
 
 def load_model(entity_name: str, entity_version: str) -> LoadedModel:
-    import mlflow.pyfunc
+    from lakevision.packaging.pyfunc import load_pyfunc
 
-    uri = f"models:/{entity_name}/{entity_version}"
-    check_installable(Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().splitlines())
-    model = mlflow.pyfunc.load_model(uri)
+    model, requirements = load_pyfunc(f"models:/{entity_name}/{entity_version}")
+    check_installable(requirements)
     return LoadedModel(model, model.metadata.get_input_schema())
 
 
