@@ -16,16 +16,19 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/lakevision demo
 
+# Two test processes, each taking whole files, the longest first (tests/conftest.py orders them)
+PYTEST_PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: setup
 	$(BIN)/ruff check src jobs tests benchmarks notebooks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 # The unit tier: no Ray, no JVM, no training; under 3 minutes.
 test-fast: setup
 	$(BIN)/ruff check src jobs tests benchmarks notebooks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
