@@ -71,8 +71,8 @@ def test_two_workers_learn_detection_and_survive_a_killed_worker(ingested, child
     and resumes from it, into the same MLflow run, and the validation loss still falls."""
     snapshots = "*/checkpoint_manager_snapshot.json"
     before_snapshots = set((ingested / "checkpoints").glob(snapshots))
-    with _train(ingested, child_tmp, "--task", "detection", "--json", "--set", "training.optimization.max_epochs=4",
-                "--set", "training.model.learning_rate=0.001", "--set", "training.data.image_size=160") as proc:
+    with _train(ingested, child_tmp, "--task", "detection", "--json", "--set", "training.optimization.max_epochs=3",
+                "--set", "training.model.learning_rate=0.001", "--set", "training.data.image_size=128") as proc:
         # Ray Train's controller writes this file when it has registered a reported checkpoint: from
         # then on a replaced worker group resumes from it, and the next epoch is running
         deadline = time.monotonic() + 300
@@ -95,10 +95,10 @@ def test_two_workers_learn_detection_and_survive_a_killed_worker(ingested, child
     assert run.data.tags["data.version"] == "0" and "mlflow.source.git.commit" in run.data.tags
     logged = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: (m.step, m.timestamp))
     # the replaced group resumed from epoch 0's checkpoint rather than from scratch: epoch 0 ran once
-    assert [m.step for m in logged].count(0) == 1 and {m.step for m in logged} == {0, 1, 2, 3}
+    assert [m.step for m in logged].count(0) == 1 and {m.step for m in logged} == {0, 1, 2}
     # an epoch the killed group finished but had not reported yet runs again: its last value counts
     by_epoch = {m.step: m.value for m in logged}
-    val_loss = [by_epoch[e] for e in range(4)]
+    val_loss = [by_epoch[e] for e in range(3)]
     assert result["metrics"]["val_loss"] == pytest.approx(val_loss[-1])
     assert min(val_loss[1:]) < 0.85 * val_loss[0], f"validation loss did not fall: {val_loss}"
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["samples@v0:train", "samples@v0:val"]
@@ -106,7 +106,7 @@ def test_two_workers_learn_detection_and_survive_a_killed_worker(ingested, child
     mlflow.set_tracking_uri(f"sqlite:///{ingested / 'mlflow.db'}")
     model = load_image_model(result["model_uri"]).model  # the serving pyfunc wraps the torch module
     with torch.no_grad():
-        preds = model.eval()([torch.rand(3, 160, 160)])
+        preds = model.eval()([torch.rand(3, 128, 128)])
     assert {"boxes", "labels", "scores"} <= set(preds[0])
     # each export is checked against the eager model, and only what passed is logged; a scripted
     # R-CNN resizes with a float32 scale and can be a pixel off for some image sizes, which the

@@ -82,11 +82,12 @@ def champion_reference(rt: Runtime, model_name: str):
     if champion is None:
         return None, None, None
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=REFERENCE_PROFILE_ARTIFACT)
+        # load_dict downloads into a folder it removes; download_artifacts would leave one per run
+        profile = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/{REFERENCE_PROFILE_ARTIFACT}")
     except Exception as exc:  # MLflow raises several types for a missing artifact
         raise MonitorError(f"{champion.registry_uri}: run {champion.run_id} has no {REFERENCE_PROFILE_ARTIFACT} "
                            f"(trained before reference profiles were logged?): {exc}") from None
-    reference = ImageProfile.from_dict(json.loads(Path(path).read_text()))
+    reference = ImageProfile.from_dict(profile)
     return champion, load_image_model(champion.registry_uri), reference
 
 
