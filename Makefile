@@ -16,13 +16,14 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/lakevision demo
 
-# Two test processes, each taking whole files, the longest first (tests/conftest.py orders them)
+# Two test processes, each taking whole files, the longest first (tests/conftest.py orders them);
+# the full run prints its 15 slowest steps, to keep an eye on the suite's time
 PYTEST_PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(BIN)/ruff check src jobs tests benchmarks notebooks
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) --durations=15
 
 # The unit tier: no Ray, no JVM, no training; under 3 minutes.
 test-fast: setup
