@@ -10,10 +10,12 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -197,6 +199,28 @@ def test_local_workspace_refuses_a_model_no_index_could_build():
     check_installable(["mlflow==3.17.2", "torch==2.7.0", "# a comment", "", "pillow>=10"])
     with pytest.raises(ImageBuildError, match=r"requirements.txt pins torch==2.7.0\+cu126, a local version"):
         check_installable(["mlflow==3.17.2", "torch==2.7.0+cu126"])
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_local_workspace_load_reads_the_registered_requirements(tmp_path):
+    """Through the path an endpoint takes: the registered version's own requirements.txt decides."""
+    from lakevision.local.workspace.serving import load_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for name, pin in (("built", "torch==2.7.0"), ("local_pin", "torch==2.7.0+cu126")):
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="m", python_model=_Echo(), pip_requirements=[pin], registered_model_name=name)
+    assert load_model("built", "1").model.predict([1, 2]) == [1, 2]
+    with pytest.raises(ImageBuildError, match=r"pins torch==2.7.0\+cu126"):
+        load_model("local_pin", "1")
+    # the load downloaded into a folder of its own and removed it (the suite's leak check sees the rest)
+    assert not list(Path(tempfile.gettempdir()).glob("lakevision-model-*"))
 
 
 @pytest.mark.parametrize("key", ["gate.decision", "gate-decision", "a=b", "a/b", "a:b", "a,b", ""])
