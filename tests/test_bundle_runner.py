@@ -354,3 +354,13 @@ def test_retries_minus_one_retries_until_success(tmp_path):
     run, _ = _run(mini_bundle(tmp_path, [nb("a", f"counter={counter}", "fail_times=3", max_retries=-1)]),
                   tmp_path / "data")
     assert run.task("a").status == SUCCESS and run.task("a").attempts == 4
+
+
+def test_a_task_does_not_see_the_widgets_of_the_task_its_run_was_started_from(tmp_path, monkeypatch):
+    """A run started from inside a task (the monitor's retraining) starts as cleanly as on a
+    fresh cluster: the starting task's widgets do not reach its tasks."""
+    monkeypatch.setenv("LAKEVISION_WIDGET_ARGS", "v:leaked=yes")
+    task = nb("t")
+    del task["notebook_task"]["base_parameters"]
+    run, _ = _run(mini_bundle(tmp_path, [task]), tmp_path / "data")
+    assert run.task("t").status == SUCCESS and run.task("t").values == {}

@@ -55,9 +55,14 @@ class LocalLayout:
         """A folder the Spark workers and Ray workers share (staging, checkpoints, sample data)."""
         return (self.root / folder).resolve()
 
+    @property
+    def runs(self) -> Path:
+        """The local runner's job runs, one folder per bundle job."""
+        return (self.root / "runs").resolve()
+
     def job_runs(self, job: str) -> Path:
         """The local runner's runs of bundle job ``job``: one folder each, with logs and run.json."""
-        return (self.root / "runs" / job).resolve()
+        return self.runs / job
 
     @property
     def endpoint_records(self) -> Path:

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,13 @@ class Bundle:
         return jobs[key]
 
 
+def local_job_id(key: str) -> int:
+    """The id bundle job ``key`` has on this machine. A Databricks job id is a positive integer the
+    workspace assigns at deploy; here it is derived from the key, so it is the same in every process:
+    ``${resources.jobs.<key>.id}``, the runner's ``{{job.id}}`` and the local workspace's Jobs API agree."""
+    return zlib.crc32(key.encode("utf-8")) + 1
+
+
 def _read_yaml(path: Path, root: Path) -> dict:
     rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
     try:
@@ -153,7 +161,7 @@ class _Resolver:
         self.context = context
         self.resources = resources  # None: ${resources.*} stays as written (resolved after the presets)
         self.deploy_time = deploy_time  # resource fields known only after deploy (ids, urls)
-        self.local_ids = local_ids  # on this machine a resource's id is its key (as the local runner's job.id)
+        self.local_ids = local_ids  # on this machine a job's id is local_job_id(key), any other resource's its key
         self.problems: list[tuple[str, str]] = []  # (yaml path, message)
 
     def value(self, ref: str) -> tuple[bool, Any]:
@@ -167,7 +175,7 @@ class _Resolver:
             parts = ref.split(".")
             if len(parts) >= 4 and parts[3] in self.deploy_time and parts[2] in self.resources.get(parts[1], {}):
                 if self.local_ids and parts[3] == "id":
-                    return True, parts[2]
+                    return True, str(local_job_id(parts[2])) if parts[1] == "jobs" else parts[2]
                 return True, "${" + ref + "}"  # left for deploy time, like the CLI does
             return False, None
         return _lookup(self.context, ref)

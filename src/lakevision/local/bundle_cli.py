@@ -87,6 +87,9 @@ def print_task_progress(event: str, task, i: int, n: int) -> None:
     if event == "running":
         print(f"      {task.task_key} {task.seconds:.0f} s: {task.message}", flush=True)
         return
+    if event == "queued":
+        print(task.message, flush=True)
+        return
     took = f" {task.seconds:.1f} s" if task.attempts else ""
     print(f"[{i}/{n}] {task.task_key}: {task.status}{took}" + (f"  {task.message}" if task.message else ""),
           flush=True)
@@ -98,9 +101,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     bundle = _load(args, local_files=True)
     runner = LocalJobRunner(bundle, local_root(args.root), progress=None if args.json else print_task_progress)
-    run = runner.run(args.job, parse_params(args.param, "--param"))
+    run = runner.run(args.job, parse_params(args.param, "--param"), run_id=args.run_id)
     if args.json:
         print(json.dumps(run.to_json(), default=str))
+    elif run.message:
+        print(f"run {run.run_id} of {run.job_key} ({run.target}): {run.status}: {run.message}")
     else:
         print(f"run {run.run_id} of {run.job_key} ({run.target}): {run.status} in {run.seconds:.1f} s; logs in {run.run_dir}")
         for rule, recipients in run.notifications.items():
@@ -124,3 +129,5 @@ def add_bundle_commands(sub) -> None:
     b.add_argument("job", help="job key under resources.jobs, e.g. cv_pipeline")
     b.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="set a job parameter")
     b.add_argument("--root", default=None, help="local data root (default: $LAKEVISION_ROOT or .lakevision)")
+    b.add_argument("--run-id", type=int, default=None,
+                   help="the id the local workspace's Jobs API gave this run (run-now starts the runner with it)")

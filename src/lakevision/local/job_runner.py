@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lakevision.bundle.loader import Bundle, BundleError, Problem
-from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VALUES_ENV, widget_env
+from lakevision.bundle.loader import Bundle, BundleError, Problem, local_job_id
+from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VALUES_ENV, WIDGET_ENV_PREFIX, widget_env
+from lakevision.local.job_runs import SKIPPED, end_without_result, submit, wait_for_turn
 from lakevision.local.process_tree import kill_tree
 from lakevision.local.bundle_validate import DYNAMIC_REF, notebook_file, validate_bundle
 from lakevision.errors import LakevisionError
@@ -93,13 +94,14 @@ class JobRun:
     job_key: str
     run_id: int
     target: str
-    status: str
+    status: str  # SUCCESS, FAILED, or SKIPPED (the job's limit of concurrent runs was reached)
     parameters: dict[str, str]
     tasks: list[TaskRun]
     seconds: float
     run_dir: str
     # who the job's email_notifications would write to about this run, by rule (on_failure, ...)
     notifications: dict[str, list[str]] = field(default_factory=dict)
+    message: str = ""  # why a run was skipped
 
     def task(self, key: str) -> TaskRun:
         return next(t for t in self.tasks if t.task_key == key)
@@ -278,7 +280,9 @@ class LocalJobRunner:
             result.message = str(exc)
             return result
         kind = next(k for k in task if k.endswith("_task"))
-        env = {**os.environ, **self._cluster_env(task, job), **extra_env,
+        # not the widgets of a task this runner itself runs under (a job the monitor task started)
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(WIDGET_ENV_PREFIX)}
+        env = {**inherited, **self._cluster_env(task, job), **extra_env,
                TASK_TYPE_ENV: kind, ROOT_ENV: str(self.root), "PYTHONUNBUFFERED": "1"}
         env.pop(TASK_VALUES_ENV, None)
         if kind == NOTEBOOK_TASK:  # the only task type whose values Databricks keeps
@@ -357,20 +361,36 @@ class LocalJobRunner:
                        message=f"{left!r} {c['op']} {right!r} -> {outcome}")
 
     # ------------------------------------------------------------------ the job
-    def run(self, job_key: str, parameters: dict[str, str] | None = None) -> JobRun:
+    def run(self, job_key: str, parameters: dict[str, str] | None = None, run_id: int | None = None) -> JobRun:
+        """Run ``job_key`` here. Without ``run_id`` the run is asked for as ``jobs.run_now`` asks:
+        skipped or queued when the job's limit of concurrent runs is reached (see
+        :mod:`lakevision.local.job_runs`). With one, it is the run the local Jobs API admitted
+        under that id, and a queued run waits here for its turn."""
         job = self.bundle.job(job_key)
-        defaults = {p["name"]: render_value(p.get("default")) for p in job.get("parameters") or []}
-        unknown = sorted(set(parameters or {}) - set(defaults))
-        if unknown:
-            raise JobRunError(f"job {job_key!r} has no parameter {unknown[0]!r}; parameters: {sorted(defaults)}")
-        params = {**defaults, **(parameters or {})}
-        run_id = time.time_ns() // 1_000_000
+        params = job_parameters(job_key, job, parameters)
+        if run_id is None:
+            record = submit(self.root, job_key, job, params, lambda _: (os.getpid(), None))
+            run_id = record["run_id"]
+            if record["state"] == SKIPPED:
+                return JobRun(job_key, run_id, self.bundle.target, SKIPPED, params, [], 0.0,
+                              str(LocalLayout(self.root).job_runs(job_key) / str(run_id)),
+                              message=record["state_message"])
+        try:
+            with _exit_on_sigterm():
+                wait_for_turn(self.root, job_key, run_id, job, params, on_wait=lambda message: self._report(
+                    "queued", TaskRun(job_key, "QUEUED", message=message), 0, 0))
+            return self._run(job_key, job, params, run_id)
+        except BaseException as exc:  # Ctrl-C, SIGTERM, a bug: the run ends with no result, and says so
+            end_without_result(self.root, job_key, run_id, f"the runner stopped: {type(exc).__name__}: {exc}")
+            raise
+
+    def _run(self, job_key: str, job: dict, params: dict[str, str], run_id: int) -> JobRun:
         run_dir = LocalLayout(self.root).job_runs(job_key) / str(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         deadline = started + job["timeout_seconds"] if job.get("timeout_seconds") else None
         ctx: dict[str, Any] = {"parameters": params, "values": {}, "run": {
-            "job.id": job_key, "job.name": job.get("name", job_key), "job.run_id": str(run_id),
+            "job.id": str(local_job_id(job_key)), "job.name": job.get("name", job_key), "job.run_id": str(run_id),
             "job.repair_count": "0", "job.trigger.type": "one_time",
             "job.start_time.iso_date": time.strftime("%Y-%m-%d", time.gmtime()),
             "job.start_time.iso_datetime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -435,6 +455,15 @@ def _exit_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def job_parameters(job_key: str, job: dict, given: dict[str, str] | None) -> dict[str, str]:
+    """Every parameter of the job: its defaults with ``given`` over them (an unknown name is refused)."""
+    defaults = {p["name"]: render_value(p.get("default")) for p in job.get("parameters") or []}
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise JobRunError(f"job {job_key!r} has no parameter {unknown[0]!r}; parameters: {sorted(defaults)}")
+    return {**defaults, **(given or {})}
 
 
 def notifications(job: dict, status: str) -> dict[str, list[str]]:
