@@ -102,7 +102,7 @@ def cmd_workspace(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
         raise UserError(f"a token is required: --token or ${TOKEN_ENV} (the environment keeps it out of ps)")
-    serve_forever(local_root(args.root), token, args.port)
+    serve_forever(local_root(args.root), token, args.port, bundle_dir=args.bundle, target=args.target)
     return 0
 
 
@@ -142,10 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bundle_commands(sub)
 
-    p = sub.add_parser("workspace", help="serve the local stand-in for the workspace's Model Serving API")
+    p = sub.add_parser("workspace", help="serve the local stand-in for the workspace's Model Serving and Jobs APIs")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
     p.add_argument("--token", default=None, help="the bearer token clients must send (default: $LAKEVISION_WORKSPACE_TOKEN)")
     p.add_argument("--root", default=None, help="local data root: MLflow registry and endpoint records; default .lakevision")
+    p.add_argument("--bundle", default=None, help="folder with databricks.yml whose jobs the Jobs API serves (default: none)")
+    p.add_argument("-t", "--target", default="local", help="the bundle target the jobs run with (default: local)")
     p.set_defaults(func=cmd_workspace)
     return parser
 

@@ -143,14 +143,16 @@ class Runtime:
 
     # ------------------------------------------------------------------ the workspace
     @contextlib.contextmanager
-    def local_workspace(self) -> Iterator[tuple[str, str]]:
+    def local_workspace(self, bundle_dir: str | os.PathLike | None = None,
+                        target: str = "local") -> Iterator[tuple[str, str]]:
         """``(url, token)`` of a local workspace process over this root's registry and endpoint
-        records, for the block: the stand-in for the workspace a Databricks job talks to."""
+        records, for the block: the stand-in for the workspace a Databricks job talks to. With
+        ``bundle_dir`` its Jobs API serves that bundle's jobs for ``target``, run by the local runner."""
         from lakevision.local.workspace.process import local_workspace_process
 
         if self.kind != "local":
             raise RuntimeError("a Databricks runtime talks to its own workspace")
-        with local_workspace_process(self.root) as (url, token):
+        with local_workspace_process(self.root, bundle_dir=bundle_dir, target=target) as (url, token):
             yield url, token
 
     def stop(self) -> None:

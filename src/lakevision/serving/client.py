@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from lakevision.bundle.task_context import find_bundle_root
 from lakevision.errors import LakevisionError
 
 if TYPE_CHECKING:
@@ -85,13 +86,15 @@ def workspace_client(host: str | None = None, token: str | None = None,
 
 
 @contextlib.contextmanager
-def workspace_connection(rt: Runtime, host: str | None = None) -> Iterator[tuple[str | None, str | None]]:
+def workspace_connection(rt: Runtime, host: str | None = None,
+                         bundle_dir: str | os.PathLike | None = None) -> Iterator[tuple[str | None, str | None]]:
     """``(host, token)`` of the workspace a job talks to. Locally, with no ``host``, a local
-    workspace process over the root's registry and endpoint records serves for the block; on
+    workspace process serves for the block: the root's registry and endpoint records, and the jobs
+    of the bundle in ``bundle_dir`` (default: the one around the working directory, if any). On
     Databricks the host and token come from the config, the environment or a secret scope."""
     ws = rt.config.deployment.workspace
     if rt.kind == "local" and host is None:
-        with rt.local_workspace() as (url, token):
+        with rt.local_workspace(bundle_dir if bundle_dir is not None else find_bundle_root()) as (url, token):
             yield url, token
         return
     yield host or ws.host, resolve_token(None, ws.secret_scope, ws.secret_key)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from lakevision.errors import LakevisionError
 
 CREATOR = "local"
+TOKEN_ENV = "LAKEVISION_WORKSPACE_TOKEN"  # the token of a workspace process, passed out of sight of ps
 
 # Databricks: endpoint and served entity names are letters, digits, dashes and underscores
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")

@@ -1,5 +1,5 @@
-"""The local workspace's HTTP app: the serving endpoints API of the Databricks REST API, as FastAPI
-routes over a :class:`~lakevision.local.workspace.endpoints.LocalWorkspace`."""
+"""The local workspace's HTTP app: the serving endpoints API and the Jobs API subset of the
+Databricks REST API, as FastAPI routes over a :class:`~lakevision.local.workspace.endpoints.LocalWorkspace`."""
 
 from __future__ import annotations
 
@@ -87,5 +87,26 @@ def build_app(ws: LocalWorkspace, token: bytes) -> FastAPI:
     async def invocations(name: str, request: Request) -> Response:
         return await ws.invoke(name, request)
 
+    _add_jobs_routes(api, ws)
     app.include_router(api)
     return app
+
+
+def _add_jobs_routes(api: APIRouter, ws: LocalWorkspace) -> None:
+    """``/api/2.2/jobs/...``, the version the installed databricks-sdk calls."""
+
+    @api.get("/api/2.2/jobs/list")
+    async def list_jobs(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(ws.jobs.list_jobs, dict(request.query_params)))
+
+    @api.post("/api/2.2/jobs/run-now")
+    async def run_now(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(ws.jobs.run_now, await json_body(request)))
+
+    @api.get("/api/2.2/jobs/runs/get")
+    async def get_run(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(ws.jobs.get_run, dict(request.query_params)))
+
+    @api.get("/api/2.2/jobs/runs/list")
+    async def list_runs(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(ws.jobs.list_runs, dict(request.query_params)))

@@ -22,7 +22,8 @@ One local extension: ``state.config_update_message`` says why a config failed or
 The MLflow tracking and registry URIs are process-wide in MLflow, so one process holds one
 workspace's registry; :func:`~lakevision.local.workspace.process.local_workspace_process` runs a
 workspace in a process of its own. This module holds the endpoints' state machine and their
-persistence; the REST shapes are in :mod:`.api`, the HTTP app in :mod:`.app`.
+persistence; the REST shapes are in :mod:`.api`, the HTTP app in :mod:`.app`, and the Jobs API
+(the bundle's jobs, run by the local runner) in :mod:`.jobs`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from lakevision.local.workspace.api import (CREATOR, IN_PROGRESS, NOT_READY, NOT
                                             new_config, no_endpoint, now_ms, parse_ai_gateway, parse_config,
                                             parse_tags, summary)
 from lakevision.local.workspace.app import build_app
+from lakevision.local.workspace.jobs import LocalJobs
 from lakevision.local.workspace.serving import Endpoint, LoadedModel, ModelCache, Serving, load_model
 from lakevision.serving.endpoint_metrics import RequestStats, RequestWindow, render_endpoint_metrics
 from lakevision.serving.inference_log import InferenceLogger, inference_row, payload_table_name
@@ -63,7 +65,8 @@ class LocalWorkspace:
     """Serving endpoints of a local workspace, persisted under ``<root>/workspace/endpoints``."""
 
     def __init__(self, root: str | os.PathLike, token: str, tracking_uri: str | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None,
+                 bundle_dir: str | os.PathLike | None = None, target: str = "local"):
         if not token:
             raise LocalWorkspaceError("a local workspace needs a token: every API call must present it")
         import mlflow
@@ -87,6 +90,8 @@ class LocalWorkspace:
         self._requester = "token-sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
         self._server: Any = None  # uvicorn.Server
         self._thread: threading.Thread | None = None
+        # the Jobs API over bundle_dir's jobs for target (none without a bundle); its runs outlive stop()
+        self.jobs = LocalJobs(self.root, bundle_dir, target)
         self._app = build_app(self, self._token)
         self._restore()
 

@@ -16,18 +16,21 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from lakevision.local.workspace.api import LocalWorkspaceError
+from lakevision.local.workspace.api import TOKEN_ENV, LocalWorkspaceError
 from lakevision.local.workspace.endpoints import LocalWorkspace
 
-TOKEN_ENV = "LAKEVISION_WORKSPACE_TOKEN"
+__all__ = ["LISTENING", "TOKEN_ENV", "local_workspace_process", "serve_forever"]
+
 LISTENING = "workspace listening on "
 
 
-def serve_forever(root: str | os.PathLike, token: str, port: int = 0) -> None:
-    """Serve in the foreground until SIGTERM or SIGINT; prints the listening line for whoever waits on it."""
+def serve_forever(root: str | os.PathLike, token: str, port: int = 0, bundle_dir: str | os.PathLike | None = None,
+                  target: str = "local") -> None:
+    """Serve in the foreground until SIGTERM or SIGINT; prints the listening line for whoever waits on it.
+    The job runs it started go on after it stops, as Databricks runs do."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    workspace = LocalWorkspace(root, token)
+    workspace = LocalWorkspace(root, token, bundle_dir=bundle_dir, target=target)
     try:
         url = workspace.start(port)
         workspace.wait_restored()
@@ -46,14 +49,19 @@ def _stderr_tail(stderr: Any, limit: int = 4000) -> str:
 
 @contextlib.contextmanager
 def local_workspace_process(root: str | os.PathLike, token: str | None = None, port: int | None = None,
-                            timeout_s: float = 120) -> Iterator[tuple[str, str]]:
+                            timeout_s: float = 120, bundle_dir: str | os.PathLike | None = None,
+                            target: str = "local") -> Iterator[tuple[str, str]]:
     """Run ``lakevision workspace`` as a child process; yields ``(url, token)`` once it listens.
+    With ``bundle_dir`` its Jobs API serves that bundle's jobs for ``target``.
 
     The token (a random one by default) goes through the environment, never the command line,
-    so it does not show in ``ps``. At exit the process gets SIGTERM, and SIGKILL after 10 s.
+    so it does not show in ``ps``. At exit the process gets SIGTERM, and SIGKILL after 10 s; job
+    runs it started go on.
     """
     token = token or secrets.token_urlsafe(32)
     cmd = [sys.executable, "-m", "lakevision.cli", "workspace", "--port", str(port or 0), "--root", str(root)]
+    if bundle_dir is not None:
+        cmd += ["--bundle", str(bundle_dir), "--target", target]
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 env={**os.environ, TOKEN_ENV: token})
