@@ -1,6 +1,7 @@
 """The local workspace's Jobs API, driven by the real databricks-sdk: the bundle's jobs by name,
 run-now with job parameters, runs through to their end state, the job's limit of concurrent runs
-(skipped when queueing is off, queued when it is on), and Databricks' errors."""
+(skipped when queueing is off, queued when it is on), Databricks' errors, and the monitor's
+retraining trigger, which makes the same calls here as on Databricks."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lakevision.bundle.loader import load_bundle, local_job_id
 from lakevision.local.process_tree import start_ticks
 from lakevision.local.workspace.endpoints import LocalWorkspace
 from lakevision.local.workspace.process import local_workspace_process
+from lakevision.monitoring.monitor import trigger_retrain
 from lakevision.serving.client import workspace_client
 
 from .conftest import REPO
@@ -191,6 +193,30 @@ def test_unknown_jobs_and_runs_are_answered_as_databricks_does(jobs_workspace):
     assert list(bare.jobs.list()) == []
     with pytest.raises(InvalidParameterValue, match=rf"^Job {JOB_ID} does not exist\.$"):
         bare.jobs.run_now(job_id=JOB_ID)
+
+
+def test_trigger_retrain_refuses_while_a_run_is_active_then_starts_with_the_last_parameters(jobs_workspace, tmp_path):
+    """The monitor's trigger, through the Jobs API as on Databricks: by name or id, one retraining
+    at a time, and a new run reads what the latest run read."""
+    url, w = jobs_workspace([nb("step", "v:got={{job.parameters.data}}", "sleep={{job.parameters.pause}}")],
+                            parameters=[{"name": "data", "default": "default-data"}, {"name": "pause", "default": "0"}],
+                            max_concurrent_runs=5)
+    first = w.jobs.run_now(job_id=JOB_ID, job_parameters={"data": "the-last-data", "pause": "2"}).run_id
+    refused = trigger_retrain(url, TOKEN, "mini")
+    assert refused == {"job_id": JOB_ID, "started": False, "reason": f"run {first} is still active"}
+    assert len(_run_processes(tmp_path / "root")) == 1
+    assert _wait_ended(w, first).state.result_state == RunResultState.SUCCESS
+    started = trigger_retrain(url, TOKEN, str(JOB_ID))
+    assert started["started"] and started["parameters"] == {"data": "the-last-data", "pause": "2"}
+    run = _wait_ended(w, started["run_id"])
+    assert run.state.result_state == RunResultState.SUCCESS
+    assert _result(tmp_path / "root", run.run_id)["tasks"][0]["values"]["got"] == "the-last-data"
+
+
+def test_trigger_retrain_names_a_job_it_cannot_find(jobs_workspace):
+    url, _ = jobs_workspace([nb("a")])
+    with pytest.raises(Exception, match="retraining is due, but no job is named 'cv_pipeline' in the workspace"):
+        trigger_retrain(url, TOKEN, "cv_pipeline")
 
 
 def test_runs_outlive_the_workspace_process_that_started_them(tmp_path):

@@ -1,6 +1,6 @@
 """The monitor job on a real deployment: a champion served by the local workspace with its
 inference table on, traffic from the training distribution (no retrain) and brightened traffic
-(retrain, naming brightness), results in Delta tables; the local retrain trigger."""
+(retrain, naming brightness), results in Delta tables. The retrain trigger: test_jobs_api.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import io
 import json
 import os
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from lakevision.config import load_config
-from lakevision.monitoring.monitor import DRIFT_TABLE, request_images, run_monitoring, trigger_retrain
+from lakevision.monitoring.monitor import DRIFT_TABLE, request_images, run_monitoring
 from lakevision.packaging.pyfunc import encode_image
 from lakevision.runtime import Runtime
 from lakevision.serving.model_server import ModelServer
@@ -29,8 +27,7 @@ from lakevision.data.samples import load_split
 
 from .conftest import CONFIG_DIR
 from .models import log_trained_model
-from .mini_bundle import mini_bundle, nb
-from .processes import kill_group, run
+from .processes import run
 
 pytestmark = pytest.mark.slow  # a deployment and its traffic
 
@@ -117,29 +114,6 @@ def test_request_images_reads_every_input_format():
     assert request_images(json.dumps({"dataframe_records": [{"image": "a"}, {"image": "b"}]})) == ["a", "b"]
     assert request_images(json.dumps({"dataframe_split": {"columns": ["x", "image"], "data": [[1, "c"]]}})) == ["c"]
     assert request_images(json.dumps({"inputs": {"image": ["d"]}})) == ["d"]
-
-
-def test_local_trigger_starts_the_job_with_the_last_parameters(tmp_path, spark, config):
-    bundle = mini_bundle(tmp_path, [nb("step", "v:got={{job.parameters.data}}")],
-                          parameters=[{"name": "data", "default": "default-data"}])
-    root = tmp_path / "root"
-    last = root / "runs" / "j" / "1000"
-    last.mkdir(parents=True)
-    (last / "run.json").write_text(json.dumps({"parameters": {"data": "the-last-data"}}))
-    rt = Runtime(config=config, spark=spark, kind="local", root=root)
-    started = trigger_retrain(rt, "j", bundle)
-    try:
-        assert started["parameters"] == {"data": "the-last-data"}
-        deadline = time.monotonic() + 60
-        runs = []
-        while time.monotonic() < deadline and not runs:
-            runs = [p for p in (root / "runs" / "j").glob("*/run.json") if p.parent.name != "1000"]
-            time.sleep(0.5)
-        assert runs, Path(started["log"]).read_text()
-    finally:
-        kill_group(started["pid"])  # the run this test started, finished or not
-    run = json.loads(runs[0].read_text())
-    assert run["status"] == "SUCCESS" and run["tasks"][0]["values"]["got"] == "the-last-data"
 
 
 def test_unhealthy_endpoint_fails_the_monitor_job(deployed):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from lakevision.bundle.task_context import find_bundle_root
 from lakevision.errors import LakevisionError
 from lakevision.jobs.base import WrappedResult, Step, common_arguments, job_runtime, optional_str
 from lakevision.jobs.deploy import route_line
@@ -26,7 +25,7 @@ class MonitorStepResult(WrappedResult):
         triggered = r.triggered or {}
         return {"healthy": r.health["healthy"], "problems": r.health["problems"], "retrain": r.retrain,
                 "reasons": r.reasons, "model_version": r.model_version,
-                "triggered": triggered.get("run_id") or triggered.get("pid")}
+                "triggered": triggered.get("run_id")}
 
     def summary(self) -> list[str]:
         r = self.result
@@ -50,22 +49,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", type=optional_str, default=None,
                    help="workspace URL (default: a local workspace for --target local)")
     p.add_argument("--retrain-job", type=optional_str, default=None,
-                   help="job to start when retraining is due: a job id on Databricks, a bundle job key here "
+                   help="job to start through the Jobs API when retraining is due: a job id or a job name "
                         "(default: deployment.monitoring.retrain_job)")
     p.add_argument("--no-retrain", action="store_true", help="report a due retraining without starting it")
     p.add_argument("--bundle", type=optional_str, default=None,
-                   help="folder with databricks.yml, for a local retraining run (default: the one above the "
-                        "working directory)")
+                   help="folder with databricks.yml whose jobs the local workspace runs (default: the one "
+                        "above the working directory)")
     common_arguments(p)
 
 
 def run(args: argparse.Namespace) -> MonitorStepResult:
     from lakevision.monitoring.monitor import run_monitoring
 
-    bundle_dir = args.bundle or find_bundle_root() or "."
     with job_runtime(args) as rt:
         return MonitorStepResult(run_monitoring(rt, args.endpoint, args.host, retrain=not args.no_retrain,
-                                                retrain_job=args.retrain_job, bundle_dir=bundle_dir))
+                                                retrain_job=args.retrain_job, bundle_dir=args.bundle))
 
 
 STEP = Step("monitor", "endpoint health, metrics from the inference table, drift, retraining", add_arguments, run)

@@ -11,11 +11,7 @@ import datetime as dt
 import json
 import logging
 import os
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from lakevision import delta
@@ -25,7 +21,8 @@ from lakevision.monitoring.drift import DriftReport, ModelMonitor, RetrainDecisi
 from lakevision.monitoring.endpoint_stats import endpoint_stats, recent_requests, write_stats
 from lakevision.monitoring.health import endpoint_health
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
-from lakevision.runtime import LocalLayout, Runtime
+from lakevision.runtime import Runtime
+from lakevision.serving.client import DEFAULT_RETRY_TIMEOUT_S, workspace_client, workspace_connection
 from lakevision.tasks import task_kind
 from lakevision.tracking import REFERENCE_PROFILE_ARTIFACT, TEST_PREFIX, mlflow_client
 
@@ -120,31 +117,34 @@ def write_drift(rt: Runtime, endpoint: str, version: str, report: DriftReport | 
     return delta.table_version(rt.spark, ref)
 
 
-def last_run_parameters(root: Path, job: str) -> dict[str, str]:
-    """The parameters of ``job``'s newest local run, so a triggered run reads the same data."""
-    runs = sorted(LocalLayout(root).job_runs(job).glob("*/run.json"), key=lambda p: int(p.parent.name))
-    return json.loads(runs[-1].read_text())["parameters"] if runs else {}
+def trigger_retrain(host: str | None, token: str | None, job: str | int,
+                    retry_timeout_seconds: int = DEFAULT_RETRY_TIMEOUT_S) -> dict:
+    """Start the training job through the Jobs API without waiting for it, the same calls on
+    Databricks and on the local workspace. ``job`` is a job id, or a job's exact name (looked up
+    with ``jobs.list``). Nothing starts while the job has an active run: the answer names it.
+    Otherwise ``jobs.run_now`` with the parameters of the job's latest run, so the new run reads
+    the same data."""
+    w = workspace_client(host, token, retry_timeout_seconds)
+    job_id = _retrain_job_id(w, job)
+    active = next(iter(w.jobs.list_runs(job_id=job_id, active_only=True)), None)
+    if active is not None:
+        return {"job_id": job_id, "started": False, "reason": f"run {active.run_id} is still active"}
+    latest = next(iter(w.jobs.list_runs(job_id=job_id, limit=1)), None)
+    parameters = {p.name: p.value for p in (latest.job_parameters or []) if p.value is not None} if latest else {}
+    run = w.jobs.run_now(job_id=job_id, job_parameters=parameters or None)
+    return {"job_id": job_id, "started": True, "run_id": run.run_id, "parameters": parameters}
 
 
-def trigger_retrain(rt: Runtime, job: str, bundle_dir: str | os.PathLike = ".") -> dict:
-    """Start the training pipeline without waiting, as ``jobs.run_now`` does: ``job`` is a job id
-    for the Jobs API on Databricks, and a bundle job key run by ``lakevision bundle run`` here."""
-    if rt.kind != "local":
-        from databricks.sdk import WorkspaceClient
-
-        if not job.isdigit():
-            raise MonitorError(f"retraining is due, but {job!r} is not a job id: pass --retrain-job JOB_ID")
-        run = WorkspaceClient().jobs.run_now(job_id=int(job))
-        return {"job": job, "run_id": run.run_id}
-    params = last_run_parameters(rt.root, job)
-    log_path = rt.layout.job_runs(job) / f"triggered-{time.time_ns() // 1_000_000}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "lakevision.cli", "bundle", "run", job, "-t", "local", "--bundle", str(bundle_dir),
-           "--root", str(rt.root), *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    return {"job": job, "pid": proc.pid, "log": str(log_path), "parameters": params}
+def _retrain_job_id(w, job: str | int) -> int:
+    text = str(job).strip()
+    if text.isdigit():
+        return int(text)
+    ids = [j.job_id for j in w.jobs.list(name=text)]
+    if len(ids) != 1:
+        found = f"{len(ids)} jobs are" if ids else "no job is"
+        raise MonitorError(f"retraining is due, but {found} named {text!r} in the workspace: "
+                           "pass --retrain-job JOB_ID (or a job name that is unique)")
+    return ids[0]
 
 
 @dataclass
@@ -169,7 +169,7 @@ class MonitorReport:
 
 
 def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = None, retrain: bool = True,
-                   retrain_job: str | None = None, bundle_dir: str | os.PathLike = ".",
+                   retrain_job: str | None = None, bundle_dir: str | os.PathLike | None = None,
                    now: dt.datetime | None = None, since: dt.datetime | None = None) -> MonitorReport:
     """One pass of the monitor job; the report says what it measured, decided and started. The
     window is ``deployment.monitoring.window_minutes`` up to ``now`` (default: this moment), or
@@ -202,7 +202,10 @@ def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = 
             decision.reasons.append(f"no successful requests in the last {window_minutes:g} minutes")
         version = champion.version
     drift_version = write_drift(rt, name, version or "", decision.drift, decision.retrain, decision.reasons, n_current)
-    triggered = trigger_retrain(rt, retrain_job or m.retrain_job, bundle_dir) if decision.retrain and retrain else None
+    triggered = None
+    if decision.retrain and retrain:  # the workspace the endpoint is served from runs the job too
+        with workspace_connection(rt, host, bundle_dir) as (url, token):
+            triggered = trigger_retrain(url, token, retrain_job or m.retrain_job, d.workspace.retry_timeout_seconds)
     return MonitorReport(endpoint=name, window_end=now, health=health, stats=stats,
                          monitoring_table_version=stats_version, model_version=version, n_current=n_current,
                          retrain=decision.retrain, reasons=decision.reasons,
