@@ -170,7 +170,8 @@ def test_failed_and_dead_runs_end_as_the_jobs_api_reports_them(jobs_workspace, t
     assert failed.state.state_message.startswith("Task step failed with message: exit code 1: ")
     assert "bad input" in failed.state.state_message
     killed = w.jobs.run_now(job_id=JOB_ID, job_parameters={"sleep": "60"}).run_id
-    (pid,) = _run_processes(tmp_path / "root")
+    pid = json.loads((tmp_path / "root" / "runs" / "j" / str(killed) / "launch.json").read_text())["pid"]
+    assert pid in _run_processes(tmp_path / "root")
     kill_group(pid, grace_s=0)  # the runner dies without writing its result
     dead = _wait_ended(w, killed, timeout_s=10)
     assert (dead.state.life_cycle_state, dead.state.result_state) == (RunLifeCycleState.INTERNAL_ERROR,
