@@ -19,7 +19,8 @@ from lakevision.monitoring.drift import (
     ks_test,
     psi,
 )
-from lakevision.data.image_profile import FEATURES, ImageProfile, embed_images, image_features
+from lakevision.data.image_profile import EMBEDDING_DIM, FEATURES, EmbeddingRecorder, ImageProfile, image_features
+from lakevision.packaging.pyfunc import EMBEDDING_KEY, FEATURES_COLUMN, ImageModel, ServingSpec
 from lakevision.training.models import build_model
 
 REFERENCE_IMAGES = 1000
@@ -144,42 +145,61 @@ def test_same_distribution_false_alarm_rate_is_at_most_5_percent(reference):
 
 
 # ---------------------------------------------------------------- embeddings
+def _served(model: torch.nn.Module, task: str = "classification", semantic: bool = False) -> ImageModel:
+    spec = ServingSpec(task, semantic, 64, [1, 2, 3], ["a", "b", "c"])
+    return ImageModel(model, spec)
+
+
+def _embeddings(served: ImageModel, images: list[np.ndarray]) -> np.ndarray:
+    return np.array([r[EMBEDDING_KEY] for r in served.predict_with_features(images)[1]], dtype=np.float32)
+
+
 def test_embedding_shift_is_detected_and_same_distribution_is_not(resnet):
-    ref = embed_images(resnet, _stream(11, 60), image_size=64)
-    same = embed_images(resnet, _stream(12, 60), image_size=64)
-    brighter = embed_images(resnet, _stream(13, 60, shift=30), image_size=64)
-    assert ref.shape == (60, 512) and ref.dtype == np.float32
-    assert resnet.training  # left as it came
+    served = _served(resnet)
+    ref, same = _embeddings(served, _stream(11, 60)), _embeddings(served, _stream(12, 60))
+    brighter = _embeddings(served, _stream(13, 60, shift=30))
+    assert ref.shape == (60, EMBEDDING_DIM)
     shifted_test, same_test = embedding_drift(ref, brighter), embedding_drift(ref, same)
     print(f"embedding p-values: shifted {shifted_test.p_value:.3g}, same {same_test.p_value:.3g}")
     assert shifted_test.p_value < 0.01
     assert same_test.p_value > 0.05
-    profile = ImageProfile.from_images(_stream(11, 60), embeddings=ref)
-    report = compute_drift(profile, ImageProfile.from_images(_stream(13, 60, shift=30), embeddings=brighter))
+    profile = served.profile(_stream(11, 60))
+    assert profile.embeddings.shape == (60, EMBEDDING_DIM)
+    report = compute_drift(profile, served.profile(_stream(13, 60, shift=30)))
     assert report.embedding_drifted and report.drifted
-    assert not compute_drift(profile, ImageProfile.from_images(_stream(12, 60), embeddings=same)).embedding_drifted
+    assert not compute_drift(profile, served.profile(_stream(12, 60))).embedding_drifted
 
 
-def test_embedding_does_not_depend_on_the_batch(resnet):
+def test_feature_records_come_with_predictions_and_do_not_depend_on_the_batch(resnet):
+    served = _served(resnet)
     images = _stream(14, 5)
-    assert np.allclose(embed_images(resnet, images, 64, batch_size=5)[2], embed_images(resnet, images[2:3], 64)[0],
-                       atol=1e-5)
+    frame = served.predict_images(images)
+    assert list(frame.columns)[-1] == FEATURES_COLUMN
+    record = frame[FEATURES_COLUMN].iloc[2]
+    assert set(record) == {*FEATURES, EMBEDDING_KEY} and len(record[EMBEDDING_KEY]) == EMBEDDING_DIM
+    assert record["brightness"] == pytest.approx(image_features(images[2])["brightness"], rel=1e-5)
+    alone = served.predict_with_features(images[2:3])[1][0]
+    assert np.allclose(record[EMBEDDING_KEY], alone[EMBEDDING_KEY], rtol=1e-3, atol=1e-4)
+    # a record is a few hundred bytes of JSON: 64 of them stay far below the 1 MB logging limit
+    assert len(json.dumps(record)) < 1000
+    served.spec.feature_output = False
+    assert FEATURES_COLUMN not in served.predict_images(images[:1]).columns
 
 
-@pytest.mark.parametrize(("task", "arch", "dim"), [
-    ("classification", "mobilenet_v3_small", 576),
-    ("detection", "fasterrcnn_resnet18_fpn", 512),
-    ("segmentation", "deeplabv3_mobilenet_v3_large", 960),
+@pytest.mark.parametrize(("task", "arch", "semantic"), [
+    ("classification", "mobilenet_v3_small", False),
+    ("detection", "fasterrcnn_resnet18_fpn", False),
+    ("segmentation", "deeplabv3_mobilenet_v3_large", True),
 ])
-def test_embeddings_of_other_architectures(task, arch, dim):
+def test_embeddings_of_other_architectures(task, arch, semantic):
     torch.manual_seed(0)
-    emb = embed_images(build_model(task, arch, 3), _stream(15, 3), image_size=64)
-    assert emb.shape == (3, dim) and np.isfinite(emb).all()
+    emb = _embeddings(_served(build_model(task, arch, 3).eval(), task, semantic), _stream(15, 3))
+    assert emb.shape == (3, EMBEDDING_DIM) and np.isfinite(emb).all() and np.abs(emb).sum() > 0
 
 
 def test_unsupported_model_is_named():
     with pytest.raises(TypeError, match="cannot take embeddings from a Linear"):
-        embed_images(torch.nn.Linear(3, 3), _stream(16, 1), 64)
+        EmbeddingRecorder(torch.nn.Linear(3, 3))
 
 
 # ---------------------------------------------------------------- the decision's other rules

@@ -8,6 +8,7 @@ JSON, so the train job can log the training images' profile as an artifact next 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,16 +28,13 @@ ImageLike = Union[Image.Image, np.ndarray]
 FEATURES = ("width", "height", "aspect_ratio", "brightness", "contrast", "sharpness", "mean_r", "mean_g", "mean_b")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 MAX_SAMPLES = 5000
-# Embeddings are the bulk of a profile (a ResNet-50 row is 2,048 floats), and the kernel test in
-# drift.py is quadratic in rows: a thousand rows keep the artifact a few MB and the test ~1 s.
+# The kernel test in drift.py is quadratic in rows: a thousand rows keep it ~1 s.
 MAX_EMBEDDING_ROWS = 1000
-FORMAT_VERSION = 1
+EMBEDDING_DIM = 32
+# 2: embeddings recorded in the serving forward pass and projected to EMBEDDING_DIM
+FORMAT_VERSION = 2
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's "L" mode
-# every supported backbone was trained on ImageNet-normalized input (the detection models
-# normalize inside their transform, which embed_images bypasses)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def rgb_array(image: ImageLike) -> np.ndarray:
@@ -59,10 +57,13 @@ def image_features(image: ImageLike) -> dict[str, float]:
     """Size, exposure, sharpness and colour of one RGB image (luma on 0-255)."""
     rgb = rgb_array(image)
     height, width = rgb.shape[:2]
-    luma = rgb.astype(np.float32) @ _LUMA
+    pixels = rgb.astype(np.float32).reshape(-1, 3)
+    luma = (pixels @ _LUMA).reshape(height, width)
     # 4-neighbour Laplacian: its variance falls with blur and rises with noise
     lap = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4 * luma[1:-1, 1:-1]
-    r, g, b = rgb.reshape(-1, 3).mean(axis=0)
+    # a matrix product, not mean(axis=0): the served model computes this for every image, and a
+    # reduction across the interleaved channels is ten times slower
+    r, g, b = np.ones(len(pixels), dtype=np.float32) @ pixels / len(pixels)
     return {"width": float(width), "height": float(height), "aspect_ratio": width / height,
             "brightness": float(luma.mean()), "contrast": float(luma.std()), "sharpness": float(lap.var()),
             "mean_r": float(r), "mean_g": float(g), "mean_b": float(b)}
@@ -183,75 +184,55 @@ class ImageProfile:
 
 
 # ---------------------------------------------------------------------- embeddings
-def _feature_maps(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The part of ``model`` that turns an image batch into its last (N, C, H, W) feature maps."""
-    from torch import nn
+def _feature_module(model: nn.Module) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+    """The submodule whose output is ``model``'s last (N, C, H, W) feature maps, and how to take
+    the maps from that output: a forward hook there sees what the model itself computed."""
     from torchvision.models import ConvNeXt, MobileNetV3, ResNet
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
     from torchvision.models.segmentation import DeepLabV3
 
     if isinstance(model, (GeneralizedRCNN, RetinaNet)):
-        body = model.backbone.body  # the CNN under the FPN; its last level is the most semantic
-        return lambda x: list(body(x).values())[-1]
+        # the CNN under the FPN; its last level is the most semantic
+        return model.backbone.body, lambda out: list(out.values())[-1]
     if isinstance(model, DeepLabV3):
-        return lambda x: model.backbone(x)["out"]
+        return model.backbone, lambda out: out["out"]
     if isinstance(model, ResNet):
-        return nn.Sequential(*list(model.children())[:-2])  # all but avgpool and fc
+        return model.layer4, lambda out: out
     if isinstance(model, (MobileNetV3, ConvNeXt)):
-        return model.features
+        return model.features, lambda out: out
     raise TypeError(f"cannot take embeddings from a {type(model).__name__}: expected a torchvision ResNet, "
                     "MobileNetV3, ConvNeXt, Faster/Mask R-CNN, RetinaNet or DeepLabV3")
 
 
-def _to_input(image: ImageLike, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The image resized so its longest side is ``image_size``, normalized, and padded to a square
-    with the mean colour (zero); and its size before padding. Every input then has one shape, so
-    any mix of aspect ratios batches, and an image's embedding does not depend on its batch."""
-    import torch
-    import torch.nn.functional as F
-
-    rgb = rgb_array(image)
-    scale = image_size / max(rgb.shape[:2])
-    size = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255)
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-    x = (x - torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(_IMAGENET_STD).view(3, 1, 1)
-    return F.pad(x, (0, image_size - size[1], 0, image_size - size[0])), size
+@functools.lru_cache(maxsize=8)
+def _projection(channels: int) -> np.ndarray:
+    """A fixed random projection from ``channels`` to :data:`EMBEDDING_DIM` dimensions: distances
+    between rows survive it (Johnson-Lindenstrauss), so the kernel test still sees a shift, and
+    a row is small enough to return with every prediction."""
+    rng = np.random.default_rng(channels)
+    return (rng.standard_normal((channels, EMBEDDING_DIM)) / math.sqrt(EMBEDDING_DIM)).astype(np.float32)
 
 
-def embed_images(model: nn.Module, images: Iterable[ImageLike], image_size: int, batch_size: int = 32) -> np.ndarray:
-    """Backbone features averaged over each image's own area (not its padding), one float32 row
-    per image, each image resized so its longest side is ``image_size``. ``model`` is left in the
-    mode it came in."""
-    import torch
+class EmbeddingRecorder:
+    """Records one embedding row per image while the model predicts: its last feature maps
+    averaged over space and projected to :data:`EMBEDDING_DIM` values. The maps are the ones the
+    prediction computes anyway, so an embedding costs no second pass over the image; the
+    reference profile and the served model record them the same way, through the serving path."""
 
-    maps = _feature_maps(model)
-    rows: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            batch: list[tuple[torch.Tensor, tuple[int, int]]] = []
-            for image in images:
-                batch.append(_to_input(image, image_size))
-                if len(batch) == batch_size:
-                    rows.extend(_pooled(maps, batch, image_size))
-                    batch = []
-            if batch:
-                rows.extend(_pooled(maps, batch, image_size))
-    finally:
-        model.train(was_training)
-    if not rows:
-        raise DataError("no images to embed")
-    return torch.stack(rows).numpy()
+    def __init__(self, model: nn.Module):
+        self._module, self._maps = _feature_module(model)
+        self.rows: list[np.ndarray] = []
+        self._handle = None
 
+    def _hook(self, module, inputs, output) -> None:
+        fmap = self._maps(output).detach().float()
+        pooled = fmap.mean(dim=(2, 3)).numpy()
+        self.rows.extend(pooled @ _projection(pooled.shape[1]))
 
-def _pooled(maps: Callable[[torch.Tensor], torch.Tensor], batch: list[tuple[torch.Tensor, tuple[int, int]]],
-            image_size: int) -> list[torch.Tensor]:
-    import torch
+    def __enter__(self) -> EmbeddingRecorder:
+        self._handle = self._module.register_forward_hook(self._hook)
+        return self
 
-    fmap = maps(torch.stack([x for x, _ in batch])).float()
-    fh, fw = fmap.shape[-2:]
-    return [fmap[i, :, :math.ceil(h * fh / image_size), :math.ceil(w * fw / image_size)].mean(dim=(1, 2))
-            for i, (_, (h, w)) in enumerate(batch)]
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.remove()

@@ -28,6 +28,9 @@ import torch
 from lakevision.errors import LakevisionError
 
 IMAGE_COLUMN = "image"
+FEATURES_COLUMN = "features"  # the per-image feature record of a response (ServingSpec.feature_output)
+EMBEDDING_KEY = "embedding"
+MIN_IMAGE_SIDE = 3  # the image statistics' sharpness needs a 3x3 neighbourhood
 SPEC_FILE = "serving_spec.json"
 MODEL_FILE = "model.pt"
 
@@ -47,6 +50,9 @@ class ServingSpec:
     max_image_pixels: int = 4096 * 4096
     max_batch_size: int = 64
     architecture: str = ""
+    # a compact record per image (its statistics and embedding) in the response, so drift can be
+    # measured from the inference table even when the request is too big to be logged
+    feature_output: bool = True
 
     @property
     def instance(self) -> bool:
@@ -93,6 +99,9 @@ def decode_image(text: Any, row: int, max_pixels: int) -> np.ndarray:
                 if w * h > max_pixels:
                     raise bad_request(f"row {row}: image is {w}x{h} = {w * h:,} pixels, "
                                       f"more than the limit of {max_pixels:,}")
+                if min(w, h) < MIN_IMAGE_SIDE:
+                    raise bad_request(f"row {row}: image is {w}x{h} pixels; each side needs at least "
+                                      f"{MIN_IMAGE_SIDE}")
                 return upright_rgb(im)
     except (UnidentifiedImageError, Image.DecompressionBombError):
         raise bad_request(f"row {row}: `{IMAGE_COLUMN}` is not an image PIL can read") from None
@@ -166,10 +175,29 @@ def to_response(raw: dict[str, np.ndarray], spec: ServingSpec) -> dict[str, Any]
 
 def response_columns(spec: ServingSpec) -> list[str]:
     if spec.task == "classification":
-        return ["label", "category", "score", "probabilities"]
-    if spec.semantic:
-        return ["labels", "categories", "masks"]
-    return ["boxes", "labels", "categories", "scores"] + (["masks"] if spec.task == "segmentation" else [])
+        columns = ["label", "category", "score", "probabilities"]
+    elif spec.semantic:
+        columns = ["labels", "categories", "masks"]
+    else:
+        columns = ["boxes", "labels", "categories", "scores"] + (["masks"] if spec.task == "segmentation" else [])
+    return columns + ([FEATURES_COLUMN] if spec.feature_output else [])
+
+
+def feature_record(image: np.ndarray, embedding: np.ndarray) -> dict[str, Any]:
+    """One image's statistics and embedding, rounded: a few hundred bytes of JSON."""
+    from lakevision.data.image_profile import image_features
+
+    record: dict[str, Any] = {k: float(f"{v:.6g}") for k, v in image_features(image).items()}
+    record[EMBEDDING_KEY] = [float(f"{v:.5g}") for v in embedding]
+    return record
+
+
+def profile_from_records(records: list[dict[str, Any]]):
+    """The :class:`~lakevision.data.image_profile.ImageProfile` of feature records."""
+    from lakevision.data.image_profile import FEATURES, ImageProfile
+
+    return ImageProfile.from_features({name: [r[name] for r in records] for name in FEATURES},
+                                      embeddings=np.array([r[EMBEDDING_KEY] for r in records], dtype=np.float32))
 
 
 class ImageModel:
@@ -183,8 +211,26 @@ class ImageModel:
     def predict_images(self, images: list[np.ndarray]):
         import pandas as pd
 
-        rows = [to_response(r, self.spec) for r in raw_outputs(self.model, images, self.spec)]
+        if not self.spec.feature_output:
+            rows = [to_response(r, self.spec) for r in raw_outputs(self.model, images, self.spec)]
+            return pd.DataFrame(rows, columns=response_columns(self.spec))
+        raw, records = self.predict_with_features(images)
+        rows = [{**to_response(r, self.spec), FEATURES_COLUMN: f} for r, f in zip(raw, records)]
         return pd.DataFrame(rows, columns=response_columns(self.spec))
+
+    def predict_with_features(self, images: list[np.ndarray]) -> tuple[list[dict[str, np.ndarray]], list[dict]]:
+        """The raw outputs and each image's feature record, from one forward pass."""
+        from lakevision.data.image_profile import EmbeddingRecorder
+
+        with EmbeddingRecorder(self.model) as recorder:
+            raw = raw_outputs(self.model, images, self.spec)
+        return raw, [feature_record(im, e) for im, e in zip(images, recorder.rows)]
+
+    def profile(self, images: list[np.ndarray], batch_size: int = 16):
+        """The reference profile of ``images``: the records the served model returns for them."""
+        records = [r for i in range(0, len(images), batch_size)
+                   for r in self.predict_with_features(images[i:i + batch_size])[1]]
+        return profile_from_records(records)
 
     def predict_frame(self, frame):
         import pandas as pd

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from lakevision.data.image_profile import ImageProfile, embed_images
+from lakevision.data.image_profile import ImageProfile
 from lakevision.errors import DataError
 from lakevision.runtime import Runtime
 from lakevision.tasks import is_semantic, task_kind
 from lakevision.tracking import (BEST_PREFIX, CONVERGENCE_TAG, MODEL_URI_TAG, OVERFITTING_TAG, REFERENCE_PROFILE_ARTIFACT,
                                  TASK_TAG, TRAINING_RESULT_ARTIFACT, ExperimentTracker)
 from lakevision.packaging.exports import log_exports
-from lakevision.packaging.pyfunc import ServingSpec, log_image_model
+from lakevision.packaging.pyfunc import ImageModel, ServingSpec, log_image_model
 from lakevision.data.images import load_rgb
 from lakevision.data.samples import SplitRecords, load_split
 from lakevision.training.models import build_model
@@ -32,7 +32,9 @@ from lakevision.training.report import training_report
 
 log = logging.getLogger(__name__)
 
-_REFERENCE_IMAGES = 500  # training images the monitor's reference profile is drawn from
+# training images the monitor's reference profile is drawn from: each is one forward pass of the
+# model, and 300 samples give the drift tests their power (min_samples is 100)
+_REFERENCE_IMAGES = 300
 _EXPORT_SAMPLES = 2  # validation images each export is compared with the eager model on
 
 
@@ -96,8 +98,9 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
                                 "run_id": tracker.run_id, "log_to_driver": log_to_driver})
         state = torch.load(result["checkpoint_path"], map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
-        info, exports = _log_packaged_model(rt, module.model.eval(), task, arch, semantic, train, val)
-        tracker.log_dict(reference_profile(module.model, train, settings.data.image_size).to_dict(),
+        spec = serving_spec(rt, task, arch, semantic, train)
+        info, exports = _log_packaged_model(rt, module.model.eval(), spec, train, val)
+        tracker.log_dict(reference_profile(ImageModel(module.model, spec), train).to_dict(),
                          REFERENCE_PROFILE_ARTIFACT)
         best = result["best_metric"]
         if best["value"] is not None:
@@ -118,28 +121,32 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         cluster=result["cluster"], exports={c.format: c.passed for c in exports}, report=summary)
 
 
-def reference_profile(model: torch.nn.Module, records: SplitRecords, image_size: int,
-                      max_images: int = _REFERENCE_IMAGES) -> ImageProfile:
-    """Image statistics and backbone embeddings of (a seeded sample of) the training images."""
+def reference_profile(model: ImageModel, records: SplitRecords, max_images: int = _REFERENCE_IMAGES) -> ImageProfile:
+    """Image statistics and backbone embeddings of (a seeded sample of) the training images, as
+    the served model records them for each request."""
     import random
 
     paths = list(records.image_paths)
     if len(paths) > max_images:
         paths = random.Random(0).sample(paths, max_images)
     images = [load_rgb(p) for p in paths]
-    return ImageProfile.from_images(images, embeddings=embed_images(model, images, image_size))
+    return model.profile(images)
 
 
-def _log_packaged_model(rt: Runtime, model: torch.nn.Module, task: str, arch: str, semantic: bool,
-                        train: SplitRecords, val: SplitRecords):
-    """The serving pyfunc (with a real validation image as its input example) and the checked
-    TorchScript/ONNX exports, into the active run."""
+def serving_spec(rt: Runtime, task: str, arch: str, semantic: bool, train: SplitRecords) -> ServingSpec:
     serving = rt.config.deployment.serving
-    spec = ServingSpec(task=task, semantic=semantic, image_size=rt.config.training.data.image_size,
+    return ServingSpec(task=task, semantic=semantic, image_size=rt.config.training.data.image_size,
                        category_ids=train.category_ids, category_names=train.category_names,
                        score_threshold=serving.score_threshold, mask_threshold=serving.mask_threshold,
                        max_image_pixels=serving.max_image_pixels, max_batch_size=serving.max_batch_size,
-                       architecture=arch)
+                       architecture=arch, feature_output=serving.feature_output)
+
+
+def _log_packaged_model(rt: Runtime, model: torch.nn.Module, spec: ServingSpec, train: SplitRecords,
+                        val: SplitRecords):
+    """The serving pyfunc (with a real validation image as its input example) and the checked
+    TorchScript/ONNX exports, into the active run."""
+    serving = rt.config.deployment.serving
     info = log_image_model(model, spec, Path(val.image_paths[0]).read_bytes())
     samples = [load_rgb(p) for p in val.image_paths[:_EXPORT_SAMPLES]]
     return info, log_exports(model, spec, samples, list(serving.exports))
