@@ -27,7 +27,7 @@ from lakevision.local.workspace.serving import routing_random
 from lakevision.data.samples import load_split
 
 from .conftest import CONFIG_DIR
-from .models import corrupt_weights, log_trained_model
+from .models import corrupt_weights, log_trained_model, log_unsendable_model
 
 pytestmark = pytest.mark.slow  # a workspace serving models
 
@@ -146,7 +146,9 @@ def test_pipeline_creates_canaries_promotes_refuses_and_rolls_back(ingested_runt
     assert report["best_run"]["model_uri"] == second  # the better validation metric wins
     dep = report["deployment"]
     assert dep["action"] == "canary_promoted" and dep["steps"] == [10, 100]
-    assert dep["smoke"]["answered_by_new"] >= 1 and dep["smoke"]["errors"] == 0
+    # each served model was asked directly: the new one gets its 10 requests at a 10% split too
+    assert {e: (c["answered"], c["server_errors"]) for e, c in dep["smoke"]["per_entity"].items()} == {
+        f"{NAME}-2": (10, 0), f"{NAME}-1": (10, 0)}
     assert report["champion"] == {"version": "2", "previous": "1"}
     assert registry.by_alias(PREVIOUS_CHAMPION).version == "1"
     server = pipeline.server
@@ -210,8 +212,8 @@ def test_already_serving_changes_nothing(ingested_runtime, workspace):
     pipeline.server.delete_endpoint("steady")
 
 
-def test_smoke_bounds_on_errors_and_p99_latency(ingested_runtime, workspace, images):
-    rt = _runtime(ingested_runtime, "deployment.canary.smoke_requests=4", "deployment.canary.max_p99_latency_ms=0.001")
+def test_smoke_bounds_on_errors_and_p95_latency(ingested_runtime, workspace, images):
+    rt = _runtime(ingested_runtime, "deployment.canary.smoke_requests=4", "deployment.canary.max_p95_latency_ms=0.001")
     mlflow.set_tracking_uri(rt.tracking_uri)
     uri, _ = log_trained_model(rt, seed=23)
     version = ModelRegistry(rt, "bounded_model").register(uri)[0].version
@@ -221,18 +223,41 @@ def test_smoke_bounds_on_errors_and_p99_latency(ingested_runtime, workspace, ima
     server.model_version = version
     server.create_endpoint("bounded", "Standard_DS3_v2", 0, 1)
     try:
-        # no model answers in 1 microsecond: the p99 bound alone fails the smoke test
-        slow = pipeline.smoke_test("bounded", entity, 100, images)
-        assert slow["errors"] == 0 and slow["requests"] == 4 and slow["answered_by_new"] == 4
-        p99 = slow["endpoint_metrics"]["latency_p99_ms"]
-        assert slow["problems"] == [f"{entity} p99 latency {p99:.1f} ms > 0.001 ms"] and not slow["healthy"]
-        # requests that fail: the client-side count and the endpoint's own error rate are both bounds
-        failing = pipeline.smoke_test("bounded", entity, 100, ["%%%"])
-        assert failing["errors"] == failing["requests"] == 40  # kept trying for the new version's share, up to 10x
-        assert failing["problems"][:3] == [
-            "40/40 smoke requests failed (max error rate 0)",
-            f"{entity} error rate {failing['endpoint_metrics']['error_rate']:.3f} in the endpoint's metrics",
-            f"{entity} answered 0 of 40 requests, fewer than 4"]
-        assert failing["failures"][0].endswith("row 0: `image` is not valid base64")
+        # no model answers in 1 microsecond: the p95 bound alone fails the smoke test
+        slow = pipeline.smoke_test("bounded", entity, images)
+        assert slow["per_entity"][entity] | {"client_p50_ms": None, "client_p95_ms": None} == {
+            "requests": 4, "answered": 4, "server_errors": 0, "client_errors": 0,
+            "client_p50_ms": None, "client_p95_ms": None}
+        p95 = slow["endpoint_metrics"]["latency_p95_ms"]
+        assert slow["problems"] == [f"{entity} p95 latency {p95:.1f} ms > 0.001 ms"] and not slow["healthy"]
+        # bad requests (4xx) are no server failure; they fail the check only as "nothing answered"
+        refused = pipeline.smoke_test("bounded", entity, ["%%%"])
+        assert refused["per_entity"][entity]["client_errors"] == 4
+        assert refused["problems"][0] == f"{entity} answered none of its 4 smoke requests (4 refused as bad requests)"
+        assert refused["failures"][0].endswith("row 0: `image` is not valid base64")
+        assert not any("failed" in p or "server error" in p for p in refused["problems"])
     finally:
         server.delete_endpoint("bounded")
+
+
+def test_a_canary_with_server_errors_is_rolled_back(ingested_runtime, workspace):
+    rt = _runtime(ingested_runtime, "deployment.canary.smoke_requests=5")
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    registry = ModelRegistry(rt, "canary_5xx")
+    good = registry.register(log_trained_model(rt, seed=24)[0])[0].version
+    bad = registry.register(log_unsendable_model())[0].version
+    pipeline = DeploymentPipeline(workspace, TOKEN, "canary_5xx", "lakevision", runtime=rt, task="classification")
+    assert pipeline.deploy("five-hundreds", good)["action"] == "created"
+    try:
+        result = pipeline.deploy("five-hundreds", bad)
+        assert result["status"] == "rolled_back" and result["action"] == "canary_rolled_back"
+        new = f"canary_5xx-{bad}"
+        assert result["smoke"]["per_entity"][new]["server_errors"] == 5
+        assert result["smoke"]["per_entity"][f"canary_5xx-{good}"]["answered"] == 5
+        assert result["smoke"]["problems"] == [
+            f"{new}: 5/5 smoke requests failed (max error rate 0)",
+            f"{new} answered none of its 5 smoke requests (0 refused as bad requests)",
+            f"{new} server error rate 1.000 in the endpoint's metrics"]
+        assert _routes(pipeline.server, "five-hundreds") == {f"canary_5xx-{good}": 100}
+    finally:
+        pipeline.server.delete_endpoint("five-hundreds")

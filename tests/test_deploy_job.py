@@ -77,16 +77,16 @@ def test_gate_command_registers_a_passing_model(ingested_runtime, root):
 def test_a_new_endpoint_failing_its_smoke_test_is_rolled_back_and_exits_2(ingested_runtime, root):
     mlflow.set_tracking_uri(ingested_runtime.tracking_uri)
     uri, _ = log_trained_model(ingested_runtime, seed=8)
-    # no model answers within 1 microsecond: the smoke test fails on its p99 bound
+    # no model answers within 1 microsecond: the smoke test fails on its p95 bound
     proc = _run(root, "-m", "lakevision.cli", "deploy", "--endpoint", "slow-ep", "--model-name", "slow_job_model",
                 "--model-uri", uri, "--set", "deployment.metrics_threshold={accuracy: 0.0}",
-                "--set", "deployment.canary.max_p99_latency_ms=0.001", *FAST)
+                "--set", "deployment.canary.max_p95_latency_ms=0.001", *FAST)
     line = _error_line(proc)
     report = json.loads(proc.stdout)
     assert report["status"] == "rolled_back" and report["deployment"]["action"] == "created_then_deleted"
     (problem,) = report["deployment"]["smoke"]["problems"]
     assert line == f"lakevision deploy: error: slow_job_model was not deployed to slow-ep (rolled_back): {problem}"
-    assert problem.startswith("slow_job_model-1 p99 latency ") and problem.endswith(" ms > 0.001 ms")
+    assert problem.startswith("slow_job_model-1 p95 latency ") and problem.endswith(" ms > 0.001 ms")
     assert report["endpoint_state"] is None and not (root / "workspace" / "endpoints" / "slow-ep.json").exists()
     # registered by the gate, but never champion: nothing served it
     assert ModelRegistry(ingested_runtime, "slow_job_model").by_alias(CHAMPION) is None

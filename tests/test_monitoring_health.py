@@ -16,7 +16,7 @@ def test_each_bound_is_reported():
     status = _status("NOT_READY", "UPDATE_FAILED", m1={"requests": 10, "error_rate": 0.2, "latency_p99_ms": 150.0})
     assert judge(status, 0.05, 100.0) == [
         "endpoint ep is NOT_READY", "the last config update of ep failed",
-        "m1: error rate 0.200 > 0.05", "m1: p99 latency 150.0 ms > 100 ms"]
+        "m1: server error rate 0.200 > 0.05", "m1: p99 latency 150.0 ms > 100 ms"]
 
 
 def test_no_traffic_is_not_an_error_and_latency_unjudged_without_bound():

@@ -49,7 +49,7 @@ pytestmark = [pytest.mark.slow,
 TOKEN = "local-test-token"
 MODEL = "lakevision.version_model"  # the dot checks the default served entity name
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "image")]))
-V1, V2, BROKEN, SLOW, GATED = "1", "2", "3", "4", "5"
+V1, V2, BROKEN, SLOW, GATED, FAILING = "1", "2", "3", "4", "5", "6"
 SEED = 7  # the workspace's routing seed
 RELEASE_V4, RELEASE_V5 = "release-v4", "release-v5"  # SLOW and GATED load once these exist in the registry folder
 
@@ -81,6 +81,14 @@ class BrokenModel(mlflow.pyfunc.PythonModel):
         return model_input
 
 
+class FailingModel(mlflow.pyfunc.PythonModel):
+    """Loads, then answers what no server can send (an exception inside predict is MLflow's 400,
+    "an unexpected error while evaluating the model"; one after it is the server's 500)."""
+
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame({"answer": [object()] * len(model_input)})
+
+
 # pickled by value, so the workspace subprocess can load them without importing this test module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -93,7 +101,7 @@ def registry(tmp_path_factory) -> Path:
     mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("workspace-test", artifact_location=(root / "artifacts").as_uri())
     for model in (VersionModel(1), VersionModel(2), BrokenModel(), VersionModel(4, release=str(root / RELEASE_V4)),
-                  VersionModel(5, release=str(root / RELEASE_V5))):
+                  VersionModel(5, release=str(root / RELEASE_V5)), FailingModel()):
         with mlflow.start_run(experiment_id=experiment):
             mlflow.pyfunc.log_model(name="model", python_model=model, signature=SIGNATURE,
                                     registered_model_name=MODEL, pip_requirements=["mlflow"])
@@ -325,10 +333,35 @@ def test_metrics_count_what_was_sent(workspace, w):
         assert m["requests"] == sent[name] + bad[name]
         assert (m["errors_4xx"], m["errors_5xx"]) == (bad[name], 0)
         assert m["throughput_rps"] == pytest.approx(m["requests"] / 60)
-        assert m["error_rate"] == pytest.approx(bad[name] / m["requests"])
-        assert 0 < m["latency_p50_ms"] <= m["latency_p99_ms"] < 10_000
+        # bad requests are the caller's: the error rate counts server errors only
+        assert m["error_rate"] == 0.0 and m["client_error_rate"] == pytest.approx(bad[name] / m["requests"])
+        assert 0 < m["latency_p50_ms"] <= m["latency_p95_ms"] <= m["latency_p99_ms"] < 10_000
     r = raw(workspace, "GET", "/api/2.0/serving-endpoints/metered/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+def test_a_served_model_is_queried_directly_whatever_the_split(workspace, w):
+    w.serving_endpoints.create_and_wait("direct", config=config("direct", entity(V1), entity(V2),
+                                                                traffic=split(v1=99, v2=1)))
+    body = {"dataframe_records": RECORDS}
+    answers = [w.api_client.do("POST", f"/serving-endpoints/direct/served-models/{name_of(V2)}/invocations",
+                               body=body)["predictions"] for _ in range(10)]
+    assert answers == [[{"version": 2}]] * 10
+    r = raw(workspace, "POST", "/serving-endpoints/direct/served-models/nope/invocations", json=body)
+    assert r.status_code == 404 and "has no served model 'nope'" in r.json()["message"]
+    assert parse_endpoint_metrics(w.serving_endpoints.export_metrics("direct").contents.read().decode()
+                                  )[name_of(V2)]["requests"] == 10
+    w.serving_endpoints.delete("direct")
+
+
+def test_a_model_bug_is_a_server_error(workspace, w):
+    w.serving_endpoints.create_and_wait("buggy", config=config("buggy", entity(FAILING)))
+    for _ in range(3):
+        r = raw(workspace, "POST", "/serving-endpoints/buggy/invocations", json={"dataframe_records": RECORDS})
+        assert r.status_code == 500 and "TypeError" in r.json()["message"], r.text
+    m = parse_endpoint_metrics(w.serving_endpoints.export_metrics("buggy").contents.read().decode())[name_of(FAILING)]
+    assert (m["errors_5xx"], m["errors_4xx"], m["error_rate"]) == (3, 0, 1.0)
+    w.serving_endpoints.delete("buggy")
 
 
 def test_parse_endpoint_metrics_interpolates_like_prometheus():
@@ -346,8 +379,9 @@ request_count_total{served_entity_name="idle"} 0
 cpu_usage_percentage 12
 """
     metrics = parse_endpoint_metrics(text)
-    assert metrics["a"] == {"requests": 20, "errors_4xx": 1, "errors_5xx": 0, "error_rate": 0.05,
-                            "throughput_rps": 20 / 60, "latency_p50_ms": 2.0, "latency_p99_ms": pytest.approx(3.96)}
+    assert metrics["a"] == {"requests": 20, "errors_4xx": 1, "errors_5xx": 0, "error_rate": 0.0,
+                            "client_error_rate": 0.05, "throughput_rps": 20 / 60, "latency_p50_ms": 2.0,
+                            "latency_p95_ms": pytest.approx(3.8), "latency_p99_ms": pytest.approx(3.96)}
     assert metrics["idle"]["latency_p50_ms"] is None and metrics["idle"]["error_rate"] == 0.0
 
 

@@ -14,7 +14,9 @@ from lakevision.serving.model_server import ModelServer
 
 
 def judge(status: dict[str, Any], max_error_rate: float, max_p99_latency_ms: float | None) -> list[str]:
-    """What is wrong with an endpoint, from :meth:`ModelServer.monitor_endpoint`'s report."""
+    """What is wrong with an endpoint, from :meth:`ModelServer.monitor_endpoint`'s report. Its
+    error rate counts server errors (5xx) only: bad requests (4xx) are the callers' mistakes,
+    reported beside it, and no reason to page anyone about the endpoint."""
     problems = []
     state = status["state"]
     if state["ready"] != "READY":
@@ -23,7 +25,7 @@ def judge(status: dict[str, Any], max_error_rate: float, max_p99_latency_ms: flo
         problems.append(f"the last config update of {status['name']} failed")
     for entity, m in status["metrics"]["per_entity"].items():
         if m.get("requests") and (m.get("error_rate") or 0.0) > max_error_rate:
-            problems.append(f"{entity}: error rate {m['error_rate']:.3f} > {max_error_rate:g}")
+            problems.append(f"{entity}: server error rate {m['error_rate']:.3f} > {max_error_rate:g}")
         p99 = m.get("latency_p99_ms")
         if max_p99_latency_ms is not None and p99 is not None and p99 > max_p99_latency_ms:
             problems.append(f"{entity}: p99 latency {p99:.1f} ms > {max_p99_latency_ms:g} ms")

@@ -159,9 +159,11 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
 
 
 def parse_endpoint_metrics(text: str) -> dict[str, dict]:
-    """Served entity -> ``requests``, ``errors_4xx``, ``errors_5xx``, ``error_rate`` (0.0 without
-    requests), ``throughput_rps`` (requests per second over the minute), ``latency_p50_ms`` and
-    ``latency_p99_ms`` (None without requests).
+    """Served entity -> ``requests``, ``errors_4xx``, ``errors_5xx``, ``error_rate`` (server errors,
+    5xx, per request: what a served model's own failures cost; 0.0 without requests),
+    ``client_error_rate`` (4xx per request: bad requests, kept apart since a caller's mistakes say
+    nothing of the model), ``throughput_rps`` (requests per second over the minute) and
+    ``latency_p50_ms``, ``latency_p95_ms``, ``latency_p99_ms`` (None without requests).
 
     Samples are matched by name, not by family, so the counts read the same whether a server
     types them as gauges or counters; samples without a ``served_entity_name`` label (endpoint-wide
@@ -192,9 +194,9 @@ def parse_endpoint_metrics(text: str) -> dict[str, dict]:
             "requests": requests,
             "errors_4xx": errors_4xx,
             "errors_5xx": errors_5xx,
-            "error_rate": (errors_4xx + errors_5xx) / requests if requests else 0.0,
+            "error_rate": errors_5xx / requests if requests else 0.0,
+            "client_error_rate": errors_4xx / requests if requests else 0.0,
             "throughput_rps": requests / WINDOW_S,
-            "latency_p50_ms": histogram_quantile(0.5, buckets) if requests else None,
-            "latency_p99_ms": histogram_quantile(0.99, buckets) if requests else None,
+            **{f"latency_p{q}_ms": histogram_quantile(q / 100, buckets) if requests else None for q in (50, 95, 99)},
         }
     return out

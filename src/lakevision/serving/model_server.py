@@ -165,13 +165,15 @@ class ModelServer:
                                                     f"{traffic_percentage}%")
 
     def monitor_endpoint(self, endpoint_name: str) -> dict[str, Any]:
-        """State, served entities, traffic routes, and per-entity latency (p50/p99), throughput
-        and error rate over the last minute from the endpoint's metrics export."""
+        """State, served entities, traffic routes, and per-entity latency (p50/p95/p99), throughput,
+        error rate (5xx) and client error rate (4xx) over the last minute from the endpoint's
+        metrics export."""
         ep = self._get(endpoint_name)
         text = self.client.serving_endpoints.export_metrics(endpoint_name).contents.read().decode()
         per_entity = parse_endpoint_metrics(text)
         total = sum(m["requests"] for m in per_entity.values())
-        errors = sum(m["errors_4xx"] + m["errors_5xx"] for m in per_entity.values())
+        errors = sum(m["errors_5xx"] for m in per_entity.values())
+        client_errors = sum(m["errors_4xx"] for m in per_entity.values())
         cfg = ep.config
         return {
             "name": ep.name,
@@ -185,6 +187,7 @@ class ModelServer:
                 for e in (cfg.served_entities if cfg else None) or []],
             "routes": _routes_of(cfg),
             "metrics": {"window_s": 60, "requests": total, "error_rate": errors / total if total else 0.0,
+                        "client_error_rate": client_errors / total if total else 0.0,
                         "throughput_rps": total / 60, "per_entity": per_entity},
         }
 
@@ -242,6 +245,17 @@ class ModelServer:
         resp = self.client.serving_endpoints.query(endpoint_name,
                                                    dataframe_records=[{IMAGE_COLUMN: b} for b in images_b64])
         return resp.predictions, resp.served_model_name
+
+    def query_served_model(self, endpoint_name: str, served_entity: str, images_b64: list[str]) -> list:
+        """One request to one served entity of the endpoint, whatever the traffic split says
+        (``/serving-endpoints/{name}/served-models/{served}/invocations``, which the SDK has no
+        method for): a canary check must reach the version it checks."""
+        from lakevision.packaging.pyfunc import IMAGE_COLUMN
+
+        body = {"dataframe_records": [{IMAGE_COLUMN: b} for b in images_b64]}
+        resp = self.client.api_client.do("POST", f"/serving-endpoints/{endpoint_name}/served-models/{served_entity}"
+                                                 "/invocations", body=body)
+        return resp.get("predictions")
 
 
 def _routes_of(cfg) -> list[dict]:
