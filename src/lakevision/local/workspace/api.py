@@ -231,6 +231,26 @@ def summary(record: Mapping[str, Any]) -> dict:
 
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 when it is over ``limit`` bytes: at once on a Content-Length
+    that says so, else as soon as the bytes read pass it, so an oversized body is never held."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"Content-Length {int(declared):,}", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit:,} bytes read", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(what: str, limit: int) -> ApiError:
+    return ApiError(413, "REQUEST_LIMIT_EXCEEDED", f"the request body is over the {limit // (1024 * 1024)} MB "
+                                                   f"a serving endpoint accepts ({what})")
+
+
 async def json_body(request: Request) -> dict:
     raw = await request.body()
     try:

@@ -87,6 +87,10 @@ def build_app(ws: LocalWorkspace, token: bytes) -> FastAPI:
     async def invocations(name: str, request: Request) -> Response:
         return await ws.invoke(name, request)
 
+    @api.post("/serving-endpoints/{name}/served-models/{served}/invocations")
+    async def served_model_invocations(name: str, served: str, request: Request) -> Response:
+        return await ws.invoke(name, request, served)
+
     _add_jobs_routes(api, ws)
     app.include_router(api)
     return app

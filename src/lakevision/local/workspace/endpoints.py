@@ -49,12 +49,13 @@ from fastapi.responses import Response
 from lakevision.local.workspace.api import (CREATOR, IN_PROGRESS, NOT_READY, NOT_UPDATING, READY, UPDATE_FAILED,
                                             ApiError, LocalWorkspaceError, check_name, detailed, invalid, entity_state, model_uri,
                                             new_config, no_endpoint, now_ms, parse_ai_gateway, parse_config,
-                                            parse_tags, summary)
+                                            parse_tags, read_body, summary)
 from lakevision.local.workspace.app import build_app
 from lakevision.local.workspace.jobs import LocalJobs
 from lakevision.local.workspace.serving import Endpoint, LoadedModel, ModelCache, Serving, load_model
 from lakevision.serving.endpoint_metrics import RequestStats, RequestWindow, render_endpoint_metrics
-from lakevision.serving.inference_log import InferenceLogger, inference_row, payload_table_name
+from lakevision.serving.inference_log import (MAX_REQUEST_BYTES, InferenceLogger, inference_row, payload_table_name,
+                                             split_client_request_id)
 from lakevision.runtime import LocalLayout
 from lakevision.tracking import local_tracking_uri
 
@@ -65,7 +66,7 @@ class LocalWorkspace:
     """Serving endpoints of a local workspace, persisted under ``<root>/workspace/endpoints``."""
 
     def __init__(self, root: str | os.PathLike, token: str, tracking_uri: str | None = None,
-                 seed: int | None = None,
+                 seed: int | None = None, inference_delay_s: float = 0.0,
                  bundle_dir: str | os.PathLike | None = None, target: str = "local"):
         if not token:
             raise LocalWorkspaceError("a local workspace needs a token: every API call must present it")
@@ -80,6 +81,7 @@ class LocalWorkspace:
         self._records_dir.mkdir(parents=True, exist_ok=True)
         self._token = token.encode()
         self._seed = seed  # routes each endpoint config with its own stream (routing_random)
+        self._inference_delay_s = inference_delay_s  # how late inference rows land (InferenceLogger)
         self._lock = threading.Lock()  # guards _endpoints, every record and _closed
         self._endpoints: dict[str, Endpoint] = {}
         self._closed = False
@@ -280,7 +282,7 @@ class LocalWorkspace:
             time.sleep(0.1)
 
     def flush_inference_tables(self) -> int:
-        """Write every queued inference row now (they are written every second anyway)."""
+        """Write the queued inference rows that are due now (they are written every second anyway)."""
         with self._lock:
             loggers = list(self._loggers.values())
         return sum(logger.flush() for logger in loggers)
@@ -293,7 +295,7 @@ class LocalWorkspace:
         path = LocalLayout(self.root).table(table["schema_name"], payload_table_name(table["table_name_prefix"]))
         with self._lock:
             if path not in self._loggers:
-                self._loggers[path] = InferenceLogger(path)
+                self._loggers[path] = InferenceLogger(path, delay_seconds=self._inference_delay_s)
             return self._loggers[path]
 
     def delete(self, name: str) -> None:
@@ -413,7 +415,9 @@ class LocalWorkspace:
         return ApiError(503, "TEMPORARILY_UNAVAILABLE", f"serving endpoint {name!r} is not ready: {reason}",
                         headers={"Retry-After": "1"})
 
-    async def invoke(self, name: str, request: Request) -> Response:
+    async def invoke(self, name: str, request: Request, served_entity: str | None = None) -> Response:
+        """One scoring request: routed by the traffic split, or to ``served_entity`` when the
+        caller names one (``/served-models/{served}/invocations``)."""
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import invocations
 
@@ -421,14 +425,26 @@ class LocalWorkspace:
         serving = endpoint.serving
         if serving is None:
             raise self._not_ready(name)
-        entity = serving.pick()
+        if served_entity is None:
+            entity = serving.pick()
+        elif served_entity in serving.models:
+            entity = served_entity
+        else:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint {name!r} has no served model "
+                                                           f"{served_entity!r} (it serves {', '.join(serving.names)})")
         started = time.perf_counter()
         model = serving.models[entity]
-        data = await request.body()
+        try:
+            data = await read_body(request, MAX_REQUEST_BYTES)
+        except ApiError as exc:
+            # refused before it was read, so there is no payload to log; the metrics count it
+            self._window.record(name, entity, exc.status, (time.perf_counter() - started) * 1000)
+            raise
         content_type = request.headers.get("content-type", "application/json")
+        client_id, to_model = split_client_request_id(data)
         try:
             # the same call and the same thread hop as `mlflow models serve`
-            result = await asyncio.to_thread(invocations, data, content_type, model.model, model.input_schema)
+            result = await asyncio.to_thread(invocations, to_model, content_type, model.model, model.input_schema)
             response = Response(result.response, result.status, media_type=result.mimetype)
         except MlflowException as exc:
             response = Response(exc.serialize_as_json(), exc.get_http_status_code(), media_type="application/json")
@@ -441,9 +457,8 @@ class LocalWorkspace:
         self._window.record(name, entity, response.status_code, took_ms)
         logger = self._inference_logger(endpoint.record)
         if logger is not None:
-            served = next(e for e in endpoint.record["config"]["served_entities"] if e["name"] == entity)
-            logger.log(inference_row(name, entity, served["entity_name"], served["entity_version"],
-                                     response.status_code, took_ms, data, bytes(response.body), self._requester))
+            logger.log(inference_row(entity, response.status_code, took_ms, data, bytes(response.body),
+                                     self._requester, client_request_id=client_id))
         response.headers["served-model-name"] = entity
         return response
 
