@@ -137,9 +137,10 @@ def test_monitor_job_checks_the_deployed_endpoint(pipeline_runs):
     assert run["status"] == "SUCCESS", run["tasks"][0]["message"]
     values = run["tasks"][0]["values"]
     assert values["healthy"] is True and values["problems"] == [] and values["model_version"] == "1"
-    # 24 images give fewer requests than a drift verdict needs: no retraining on that alone
+    # the hourly job judges the window that has settled (rows arrive up to an hour late), which
+    # ends before the deploy's smoke requests: an empty window, no reason to retrain
     assert values["retrain"] is False and values["triggered"] is None
-    assert any("no drift verdict" in r for r in values["reasons"])
+    assert "no successful requests logged in the window" in values["reasons"]
     # the deploy's smoke requests went through the endpoint's inference table
     from deltalake import DeltaTable
 

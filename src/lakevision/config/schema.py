@@ -167,22 +167,28 @@ class DriftSettings(_Strict):
 
 class MonitoringSettings(_Strict):
     metrics: list[Literal["latency", "throughput", "error_rate"]] = ["latency", "throughput", "error_rate"]
-    max_error_rate: float = Field(0.05, ge=0, le=1, description="an endpoint above this is unhealthy")
+    max_error_rate: float = Field(0.05, ge=0, le=1,
+                                  description="share of server errors (5xx) above which an endpoint is unhealthy")
     max_p99_latency_ms: float | None = Field(None, gt=0, description="null: latency is reported, not judged")
     inference_table: bool = Field(True, description="log every request to an AI Gateway inference table")
     inference_table_prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$",
                                                description="table <prefix>_payload; null: the endpoint name")
     window_minutes: float = Field(60, gt=0, description="traffic the monitor job looks at")
+    inference_delay_minutes: float = Field(60, ge=0, description="how late inference-table rows may arrive: the "
+                                                                 "window ends this long before the monitor runs")
+    feedback_table: str = Field("inference_feedback", pattern=r"^[A-Za-z0-9_]+$",
+                                description="labels for served requests (request id -> ground truth)")
     drift: DriftSettings = DriftSettings()
-    retrain_job: str = Field("cv_pipeline", description="job the monitor starts when retraining is due: a bundle "
-                                                        "job key here, a job id on Databricks")
+    retrain_job: str | None = Field(None, description="job the monitor starts when retraining is due: a job id "
+                                                      "(the monitor job passes cv_pipeline's) or its exact name")
 
 
 class CanarySettings(_Strict):
     traffic_percentage: int = Field(10, ge=1, le=100, description="share of requests the new version gets first")
     smoke_requests: int = Field(20, ge=1, description="requests sent through the SDK before promoting")
-    max_error_rate: float = Field(0.0, ge=0, le=1, description="share of failed smoke requests that still passes")
-    max_p99_latency_ms: float | None = Field(None, gt=0, description="null: no latency check")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="share of failed smoke requests and of the new "
+                                                               "version's server errors (5xx) that still passes")
+    max_p95_latency_ms: float | None = Field(None, gt=0, description="the new version's p95; null: no latency check")
 
 
 class ServingSettings(_Strict):
@@ -191,6 +197,8 @@ class ServingSettings(_Strict):
     score_threshold: float = Field(0.05, ge=0, le=1, description="detections below this score are dropped")
     mask_threshold: float = Field(0.5, gt=0, lt=1)
     exports: list[Literal["torchscript", "onnx"]] = ["torchscript", "onnx"]
+    feature_output: bool = Field(True, description="return each image's statistics and embedding with its "
+                                                   "prediction, for drift from the inference table")
 
 
 class WorkspaceSettings(_Strict):

@@ -30,8 +30,14 @@ class MonitorStepResult(WrappedResult):
     def summary(self) -> list[str]:
         r = self.result
         lines = [route_line(r.health["status"])] if r.health["status"] else []
-        lines += [f"  {s['served_entity_id']}: {s['requests']} requests, p50 {s.get('latency_p50_ms')} ms, "
-                  f"p99 {s.get('latency_p99_ms')} ms, error rate {s.get('error_rate')}" for s in r.stats]
+        lines.append(f"window {r.window_start:%Y-%m-%d %H:%M} to {r.window_end:%H:%M} UTC"
+                     + ("" if r.window_complete else " (rows may still arrive)"))
+        lines += [f"  {s['served_entity_id']} ({s.get('entity_name')} v{s.get('entity_version')}): {s['requests']} "
+                  f"requests, p50 {s.get('latency_p50_ms')} ms, p99 {s.get('latency_p99_ms')} ms, server error rate "
+                  f"{s.get('error_rate')}, client error rate {s.get('client_error_rate')}" for s in r.stats]
+        if r.feedback and r.feedback["value"] is not None:
+            lines.append(f"feedback: {r.feedback['metric']} {r.feedback['value']:.4g} on {r.feedback['images']} "
+                         "labelled images")
         lines.append("healthy" if r.health["healthy"] else "UNHEALTHY: " + "; ".join(r.health["problems"]))
         lines.append(f"drift: {'retrain' if r.retrain else 'no retrain'}; " + "; ".join(r.reasons))
         if r.triggered:

@@ -8,17 +8,16 @@ Each run appends its metrics to ``endpoint_monitoring`` and its drift tests to `
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from lakevision import delta
-from lakevision.data.image_profile import ImageProfile, embed_images
-from lakevision.errors import LakevisionError
-from lakevision.monitoring.drift import DriftReport, ModelMonitor, RetrainDecision
-from lakevision.monitoring.endpoint_stats import endpoint_stats, recent_requests, write_stats
+from lakevision.data.image_profile import ImageProfile
+from lakevision.errors import DataError, LakevisionError
+from lakevision.monitoring.drift import DriftReport, ModelMonitor
+from lakevision.monitoring.endpoint_stats import endpoint_stats, write_stats
 from lakevision.monitoring.health import endpoint_health
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
 from lakevision.runtime import Runtime
@@ -29,48 +28,15 @@ from lakevision.tracking import REFERENCE_PROFILE_ARTIFACT, TEST_PREFIX, mlflow_
 log = logging.getLogger(__name__)
 
 DRIFT_TABLE = "drift_results"
-_MAX_TRAFFIC_IMAGES = 2000  # newest successful requests profiled per run
 
 
 class MonitorError(LakevisionError):
     """The monitor cannot judge (no champion, no reference profile)."""
 
 
-def request_images(request_json: str) -> list[str]:
-    """The base64 images of one logged request body, whichever MLflow input format it used."""
-    from lakevision.packaging.pyfunc import IMAGE_COLUMN
-
-    body = json.loads(request_json)
-    if "dataframe_records" in body:
-        return [r[IMAGE_COLUMN] for r in body["dataframe_records"] if IMAGE_COLUMN in r]
-    if "dataframe_split" in body:
-        split = body["dataframe_split"]
-        i = split["columns"].index(IMAGE_COLUMN)
-        return [row[i] for row in split["data"]]
-    if "inputs" in body and isinstance(body["inputs"], dict):
-        return list(body["inputs"].get(IMAGE_COLUMN, []))
-    return []
-
-
-def traffic_images(rt: Runtime, endpoint: str, window_minutes: float, now: dt.datetime | None = None) -> list:
-    """Upright RGB arrays of the images the endpoint answered (200) in the window, newest first,
-    decoded as the serving model decodes them."""
-    from pyspark.sql import functions as F
-
-    from lakevision.packaging.pyfunc import decode_image
-
-    rows = recent_requests(rt, endpoint, window_minutes, now)
-    if rows is None:
-        return []
-    max_pixels = rt.config.deployment.serving.max_image_pixels
-    bodies = (rows.where((F.col("status_code") == 200) & F.col("request").isNotNull())
-              .orderBy(F.col("request_time").desc()).select("request").limit(_MAX_TRAFFIC_IMAGES).collect())
-    images = [decode_image(text, i, max_pixels) for r in bodies for i, text in enumerate(request_images(r["request"]))]
-    return images[:_MAX_TRAFFIC_IMAGES]
-
-
 def champion_reference(rt: Runtime, model_name: str):
-    """The champion version, its served model and the reference profile its train run logged."""
+    """The champion version, its served model (an ImageModel) and the reference profile its
+    train run logged."""
     import mlflow
 
     from lakevision.packaging.pyfunc import load_image_model
@@ -84,12 +50,38 @@ def champion_reference(rt: Runtime, model_name: str):
     except Exception as exc:  # MLflow raises several types for a missing artifact
         raise MonitorError(f"{champion.registry_uri}: run {champion.run_id} has no {REFERENCE_PROFILE_ARTIFACT} "
                            f"(trained before reference profiles were logged?): {exc}") from None
-    reference = ImageProfile.from_dict(profile)
+    try:
+        reference = ImageProfile.from_dict(profile)
+    except DataError as exc:
+        raise MonitorError(f"{champion.registry_uri}: its reference profile cannot be used ({exc}); "
+                           "retrain to log a current one") from None
     return champion, load_image_model(champion.registry_uri), reference
 
 
 def _baseline(rt: Runtime, champion, metric: str) -> float | None:
     return mlflow_client(rt.tracking_uri).get_run(champion.run_id).data.metrics.get(TEST_PREFIX + metric)
+
+
+def new_data_reason(rt: Runtime) -> str | None:
+    """Why the gold table calls for training, or None: a version newer than every training run
+    read. Compared with the runs, not the champion, so data a failed gate already saw does not
+    start a run every hour."""
+    from lakevision.tracking import DATA_VERSION_TAG
+
+    ref = rt.table("samples")
+    if not delta.table_exists(rt.spark, ref):
+        return None
+    current = delta.table_version(rt.spark, ref)
+    client = mlflow_client(rt.tracking_uri)
+    experiment = client.get_experiment_by_name(rt.experiment_name)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], f"tags.`{DATA_VERSION_TAG}` != ''", max_results=1,
+        order_by=[f"tags.`{DATA_VERSION_TAG}` DESC"])
+    trained = max((int(r.data.tags[DATA_VERSION_TAG]) for r in runs), default=None)
+    if trained is not None and current <= trained:
+        return None
+    return (f"samples version {current} is newer than the last trained on ({trained})" if trained is not None
+            else f"samples version {current} has no training run yet")
 
 
 def write_drift(rt: Runtime, endpoint: str, version: str, report: DriftReport | None, retrain: bool,
@@ -152,12 +144,15 @@ class MonitorReport:
     """One pass of the monitor: what it measured on the endpoint, what it decided, what it started."""
 
     endpoint: str
-    window_end: dt.datetime  # the end of the window the metrics and the drift test looked at
+    window_start: dt.datetime
+    window_end: dt.datetime  # the window the metrics, the drift test and the feedback looked at
+    window_complete: bool  # False: inference rows of the window may still arrive
     health: dict[str, Any]  # healthy, problems, and the endpoint's state and routes
-    stats: list[dict[str, Any]]  # per served entity: requests, latency percentiles, error rate
-    monitoring_table_version: int
+    stats: list[dict[str, Any]]  # per served entity: requests, latency percentiles, error rates
+    monitoring_table_version: int | None
     model_version: str | None  # the champion the traffic was compared with (None: no champion yet)
     n_current: int  # traffic images the drift test saw
+    feedback: dict[str, Any] | None  # the champion's metric on labelled requests
     retrain: bool
     reasons: list[str]
     drift: dict[str, Any] | None
@@ -168,46 +163,70 @@ class MonitorReport:
         return asdict(self)
 
 
+def _entities(health: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Served entity id -> its model and version, from the endpoint's config."""
+    status = health.get("status") or {}
+    return {e["name"]: e for e in status.get("served_entities", [])}
+
+
 def run_monitoring(rt: Runtime, endpoint: str | None = None, host: str | None = None, retrain: bool = True,
                    retrain_job: str | None = None, bundle_dir: str | os.PathLike | None = None,
                    now: dt.datetime | None = None, since: dt.datetime | None = None) -> MonitorReport:
     """One pass of the monitor job; the report says what it measured, decided and started. The
-    window is ``deployment.monitoring.window_minutes`` up to ``now`` (default: this moment), or
-    from ``since`` when given."""
+    window is ``deployment.monitoring.window_minutes`` ending ``inference_delay_minutes`` ago
+    (rows arrive late), or ends at ``now`` and starts at ``since`` when those are given."""
+    from lakevision.monitoring.feedback import labelled_predictions, score_feedback
+    from lakevision.monitoring.traffic import monitoring_window, traffic_profile
+
     d = rt.config.deployment
     m = d.monitoring
     name = endpoint or d.endpoint_name
-    now = now or dt.datetime.now(dt.timezone.utc)  # one window for the metrics and the drift test
-    window_minutes = (now - since).total_seconds() / 60 if since is not None else m.window_minutes
+    window = monitoring_window(m.window_minutes, m.inference_delay_minutes, now, since)
     health = endpoint_health(rt, name, host)
-    stats = endpoint_stats(rt, name, window_minutes, now)
+    entities = _entities(health)
+    stats = endpoint_stats(rt, name, window.start, window.end, entities)
     stats_version = write_stats(rt, stats)
     champion, served, reference = champion_reference(rt, d.model_name)
-    n_current = 0
+    reasons = [note] if (note := window.note()) else []
+    n_current, feedback, drift, retrain_due = 0, None, None, False
     if champion is None:
-        decision = RetrainDecision(True, [f"{d.model_name} has no {CHAMPION} yet"])
+        reasons.append(f"{d.model_name} has no {CHAMPION} yet: no drift or metric to judge")
         version = None
     else:
-        images = traffic_images(rt, name, window_minutes, now)
-        n_current = len(images)
-        current = None
-        if images:
-            current = ImageProfile.from_images(images, embeddings=embed_images(served.model, images,
-                                                                                served.spec.image_size))
+        version = champion.version
+        traffic = traffic_profile(rt, name, window, served)
+        n_current = traffic.profile.n if traffic.profile is not None else 0
         kind = task_kind(served.spec.task, served.spec.semantic)
+        serving_champion = {e for e, spec in entities.items() if str(spec.get("entity_version")) == str(version)}
+        score = score_feedback(kind.name, kind.headline, labelled_predictions(rt, name, window, serving_champion))
+        feedback = {"metric": score.metric, "value": score.value, "images": score.images, "note": score.note}
+        enough_labels = score.value is not None and score.images >= m.drift.min_samples
+        if score.value is not None and not enough_labels:
+            reasons.append(f"only {score.images} of {m.drift.min_samples} labelled images: no metric verdict")
         monitor = ModelMonitor(reference, m.drift, baseline_metric=_baseline(rt, champion, kind.headline),
                                metric_name=kind.headline, higher_is_better=kind.greater_is_better)
-        decision = monitor.should_retrain(current_profile=current)
-        if current is None:
-            decision.reasons.append(f"no successful requests in the last {window_minutes:g} minutes")
-        version = champion.version
-    drift_version = write_drift(rt, name, version or "", decision.drift, decision.retrain, decision.reasons, n_current)
+        decision = monitor.should_retrain(current_profile=traffic.profile,
+                                          current_metric=score.value if enough_labels else None)
+        if traffic.profile is None:
+            decision.reasons.append("no successful requests logged in the window" + (
+                " so far" if not window.complete else ""))
+        reasons += decision.reasons
+        drift, retrain_due = decision.drift, decision.retrain
+    if (data_reason := new_data_reason(rt)) is not None:
+        reasons.append(data_reason)
+        retrain_due = True
+    drift_version = write_drift(rt, name, version or "", drift, retrain_due, reasons, n_current)
     triggered = None
-    if decision.retrain and retrain:  # the workspace the endpoint is served from runs the job too
+    if retrain_due and retrain:  # the workspace the endpoint is served from runs the job too
+        job = retrain_job or m.retrain_job
+        if job is None:
+            raise MonitorError("retraining is due (" + "; ".join(reasons) + "), and no job is named to run: pass "
+                               "--retrain-job JOB_ID_OR_NAME or set deployment.monitoring.retrain_job")
         with workspace_connection(rt, host, bundle_dir) as (url, token):
-            triggered = trigger_retrain(url, token, retrain_job or m.retrain_job, d.workspace.retry_timeout_seconds)
-    return MonitorReport(endpoint=name, window_end=now, health=health, stats=stats,
+            triggered = trigger_retrain(url, token, job, d.workspace.retry_timeout_seconds)
+    return MonitorReport(endpoint=name, window_start=window.start, window_end=window.end,
+                         window_complete=window.complete, health=health, stats=stats,
                          monitoring_table_version=stats_version, model_version=version, n_current=n_current,
-                         retrain=decision.retrain, reasons=decision.reasons,
-                         drift=decision.drift.to_dict() if decision.drift else None,
-                         drift_table_version=drift_version, triggered=triggered)
+                         feedback=feedback, retrain=retrain_due, reasons=reasons,
+                         drift=drift.to_dict() if drift else None, drift_table_version=drift_version,
+                         triggered=triggered)
