@@ -5,9 +5,12 @@ process; one client (a keep-alive `requests.Session`, the transport the Databric
 sends the same base64 image, one request at a time, alternating blocks between the two servers
 so that drift on a busy machine hits both alike. Printed: p50/p99 latency and requests/s of each,
 and the p50 overhead of the workspace (routing, auth, per-entity metrics) over the baseline.
-A third target is a second endpoint of the same workspace with its inference table on: its p50
-against the first endpoint's is what logging every request costs, and after the workspace
-stops, the table must hold every request it answered.
+A fourth target serves version 2 without the table, to tell the two costs apart.
+A third target is a second endpoint of the same workspace with its inference table on, serving
+version 2 of the model: the same weights with feature records on (each prediction carries the
+image's statistics and embedding, for drift). Its p50 against the first endpoint's (version 1,
+no records, no table) is what logging every request and the feature records cost together, and
+after the workspace stops, the table must hold every request it answered.
 
 Usage: python benchmarks/serving.py [--requests 400] [--task classification] [--image-size 128]
 Generated data and the MLflow store live under benchmarks/.data/serving.
@@ -40,7 +43,8 @@ def _free_port() -> int:
 
 
 def _register(task: str, image_size: int, root: Path) -> tuple[str, bytes]:
-    """One untrained model of ``task`` registered as version 1 (inference cost is what matters)."""
+    """One untrained model of ``task`` registered twice (inference cost is what matters): version 1
+    without feature records, version 2 with them."""
     import mlflow
     import torch
 
@@ -55,11 +59,13 @@ def _register(task: str, image_size: int, root: Path) -> tuple[str, bytes]:
     torch.manual_seed(0)
     n = 3 if task == "classification" else 4
     model = build_model(task, ARCH[task], n, "none", image_size, 64, 100)
-    spec = ServingSpec(task, False, image_size, [1, 2, 3], ["circle", "square", "triangle"], architecture=ARCH[task])
-    with mlflow.start_run():
-        info = log_image_model(model, spec, image)
     name = f"bench_{task}"
-    mlflow.register_model(info.model_uri, name)
+    for features in (False, True):
+        spec = ServingSpec(task, False, image_size, [1, 2, 3], ["circle", "square", "triangle"],
+                           architecture=ARCH[task], feature_output=features)
+        with mlflow.start_run():
+            info = log_image_model(model, spec, image)
+        mlflow.register_model(info.model_uri, name)
     return name, image
 
 
@@ -115,14 +121,17 @@ def main() -> None:
         with local_workspace_process(root) as (url, token):
             server = ModelServer(url, token, name, "1")
             server.create_endpoint("bench", "Standard_DS3_v2", 0, 1)
-            server.create_endpoint("bench-logged", "Standard_DS3_v2", 0, 1)
+            ModelServer(url, token, name, "2").create_endpoint("bench-records", "Standard_DS3_v2", 0, 1)
+            ModelServer(url, token, name, "2").create_endpoint("bench-logged", "Standard_DS3_v2", 0, 1)
             server.enable_inference_table("bench-logged", None, "bench", "bench_logged")
             _wait_http(f"http://127.0.0.1:{port}/ping", baseline)
             targets = {
                 "mlflow models serve": (f"http://127.0.0.1:{port}/invocations", json_headers),
                 "local workspace": (f"{url}/serving-endpoints/bench/invocations",
                                     {**json_headers, "Authorization": f"Bearer {token}"}),
-                "workspace + inference table": (f"{url}/serving-endpoints/bench-logged/invocations",
+                "workspace + records": (f"{url}/serving-endpoints/bench-records/invocations",
+                                         {**json_headers, "Authorization": f"Bearer {token}"}),
+                "workspace + table + records": (f"{url}/serving-endpoints/bench-logged/invocations",
                                                 {**json_headers, "Authorization": f"Bearer {token}"}),
             }
             session = requests.Session()
@@ -150,12 +159,15 @@ def main() -> None:
     ratio = stats["local workspace"] / stats["mlflow models serve"]
     print(f"p50 ratio local workspace / mlflow models serve = {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%; "
           "goal <= +10%)")
-    logged = stats["workspace + inference table"] / stats["local workspace"]
-    print(f"p50 ratio with / without the inference table = {logged:.3f} ({100 * (logged - 1):+.1f}%)")
+    records = stats["workspace + records"] / stats["local workspace"]
+    print(f"p50 ratio with / without feature records (no table) = {records:.3f} ({100 * (records - 1):+.1f}%)")
+    logged = stats["workspace + table + records"] / stats["local workspace"]
+    print(f"p50 ratio with / without the inference table and feature records = {logged:.3f} "
+          f"({100 * (logged - 1):+.1f}%; goal <= +10%)")
     from deltalake import DeltaTable
 
     rows = len(DeltaTable(str(root / "tables" / "bench" / "bench_logged_payload")).to_pyarrow_table())
-    sent = len(times["workspace + inference table"]) + 20  # with the warm-up
+    sent = len(times["workspace + table + records"]) + 20  # with the warm-up
     print(f"inference table rows after shutdown: {rows} of {sent} requests answered")
 
 
