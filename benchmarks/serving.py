@@ -50,7 +50,7 @@ def _register(task: str, image_size: int, root: Path) -> tuple[str, bytes]:
 
     from lakevision.data.synthetic import generate_dataset
     from lakevision.packaging.pyfunc import ServingSpec, log_image_model
-    from lakevision.training.models import build_model
+    from lakevision.packaging.architectures import build_model
 
     ds = generate_dataset(root / "data", num_images=4, seed=1, image_size=(240, 320))
     image = sorted(ds.image_dir.iterdir())[0].read_bytes()

@@ -83,7 +83,7 @@ def bench_throughput(steps: int) -> None:
     from lakevision.config import ModelSettings
     from lakevision.data.dataset import COCODataset, collate_fn
     from lakevision.data.transforms import build_transform
-    from lakevision.training.models import build_model
+    from lakevision.packaging.architectures import build_model
     from lakevision.training.module import BaseModel
 
     _, paths, records = _dataset(400, (320, 640))

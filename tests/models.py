@@ -12,7 +12,7 @@ import torch
 from lakevision.packaging.pyfunc import ImageModel, ServingSpec, log_image_model
 from lakevision.tracking import DATA_VERSION_TAG, ExperimentTracker
 from lakevision.data.samples import SplitRecords, load_split
-from lakevision.training.models import build_model
+from lakevision.packaging.architectures import build_model
 from lakevision.training.train import MODEL_URI_TAG, REFERENCE_PROFILE_ARTIFACT, TASK_TAG, reference_profile
 
 IMAGE_SIZE = 64  # small: these models are untrained, only their plumbing matters

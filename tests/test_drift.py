@@ -21,7 +21,7 @@ from lakevision.monitoring.drift import (
 )
 from lakevision.data.image_profile import EMBEDDING_DIM, FEATURES, EmbeddingRecorder, ImageProfile, image_features
 from lakevision.packaging.pyfunc import EMBEDDING_KEY, FEATURES_COLUMN, ImageModel, ServingSpec
-from lakevision.training.models import build_model
+from lakevision.packaging.architectures import build_model
 
 REFERENCE_IMAGES = 1000
 STREAM_IMAGES = 200

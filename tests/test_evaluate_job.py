@@ -21,7 +21,7 @@ from lakevision.errors import DataError
 from lakevision.evaluation.evaluate import run_evaluation
 from lakevision.packaging.pyfunc import ModelLoadError
 from lakevision.tracking import ExperimentTracker
-from lakevision.training.models import build_model
+from lakevision.packaging.architectures import build_model
 
 pytestmark = pytest.mark.slow  # trained models scored
 

@@ -25,7 +25,7 @@ from lakevision.evaluation.explain import (
 )
 from lakevision.packaging.pyfunc import ServingSpec, load_image_model, log_image_model
 from lakevision.data.images import load_rgb
-from lakevision.training.models import build_model
+from lakevision.packaging.architectures import build_model
 
 from . import processes
 

@@ -17,7 +17,7 @@ from lakevision.packaging.exports import compare_outputs, export_and_check
 from lakevision.packaging.pyfunc import (EMBEDDING_KEY, FEATURES_COLUMN, IMAGE_COLUMN, ServingSpec, encode_image,
                                         load_image_model)
 from lakevision.data.images import load_rgb
-from lakevision.training.models import build_model
+from lakevision.packaging.architectures import build_model
 
 from .models import log_trained_model
 
@@ -37,10 +37,38 @@ def sample_images(tmp_path_factory):
     return out
 
 
-def _jpeg(h: int, w: int) -> bytes:
+def _image_bytes(h: int, w: int, fmt: str) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (w, h), (90, 120, 150)).save(buf, "JPEG")
+    Image.new("RGB", (w, h), (90, 120, 150)).save(buf, fmt)
     return buf.getvalue()
+
+
+def _jpeg(h: int, w: int) -> bytes:
+    return _image_bytes(h, w, "JPEG")
+
+
+def test_a_big_jpeg_decodes_at_reduced_scale_and_answers_at_its_own(sample_images):
+    """A detector with a 128 px input gets a 1024x768 JPEG decoded at 1/4 scale; its boxes and
+    feature record are still in the file's own pixels."""
+    from lakevision.packaging.pyfunc import DecodedImage, ImageModel, decode_images
+
+    torch.manual_seed(0)
+    spec = ServingSpec("detection", False, 128, *CATS, score_threshold=0.0, architecture="fasterrcnn_resnet18_fpn")
+    model = ImageModel(build_model("detection", "fasterrcnn_resnet18_fpn", 4, "none", 128), spec)
+    big = Image.fromarray(load_rgb(str(sample_images[0]))).resize((1024, 768))
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=95)
+    (reduced,) = decode_images([encode_image(buf.getvalue())], spec)
+    assert reduced.array.shape == (192, 256, 3) and (reduced.width, reduced.height) == (1024, 768)
+    full = DecodedImage(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), 1024, 768)
+    small_answer = model.predict_images([reduced]).iloc[0]
+    assert small_answer["features"]["width"] == 1024 and small_answer["features"]["aspect_ratio"] == pytest.approx(4 / 3, rel=1e-5)
+    boxes = np.asarray(small_answer["boxes"]).reshape(-1, 4)
+    assert len(boxes) and boxes[:, [0, 2]].max() > 256  # in the file's coordinates, not the decoded ones
+    assert (boxes[:, [0, 2]] <= 1024 + 1e-3).all() and (boxes[:, [1, 3]] <= 768 + 1e-3).all()
+    # decoding at 1/4 scale costs a fraction of the full decode, and the statistics stay close
+    full_answer = model.predict_images([full]).iloc[0]
+    assert small_answer["features"]["brightness"] == pytest.approx(full_answer["features"]["brightness"], rel=0.02)
 
 
 def test_logged_pyfunc_answers_base64_images_per_task(ingested_runtime, sample_images):
@@ -101,7 +129,13 @@ def test_instance_masks_come_back_as_rle(sample_images):
 
 @pytest.mark.parametrize("payload, message", [
     ({IMAGE_COLUMN: ["%%% not base64 %%%"]}, "row 0: `image` is not valid base64"),
-    ({IMAGE_COLUMN: [encode_image(b"GIF89a but not really an image")]}, "row 0: `image` is not an image"),
+    ({IMAGE_COLUMN: [encode_image(b"GIF89a but not really an image")]}, "row 0: `image` is not a JPEG, PNG, WEBP, BMP"),
+    # a real image in a format the model does not accept (PIL alone would open it)
+    ({IMAGE_COLUMN: [encode_image(_image_bytes(20, 20, "GIF"))]}, "row 0: `image` is not a JPEG, PNG, WEBP, BMP"),
+    ({IMAGE_COLUMN: [encode_image(_image_bytes(20, 20, "TIFF"))]}, "row 0: `image` is not a JPEG, PNG, WEBP, BMP"),
+    # each image within its own limit, the request over its total: refused before any is decoded
+    ({IMAGE_COLUMN: [encode_image(_jpeg(200, 200))] * 3},
+     "rows 0-2: the request's images have 120,000 pixels so far, more than the limit of 100,000 per request"),
     ({IMAGE_COLUMN: [encode_image(_jpeg(10, 10)), encode_image(_jpeg(300, 300))]},
      "row 1: image is 300x300 = 90,000 pixels, more than the limit of 40,000"),
     ({IMAGE_COLUMN: []}, "empty batch"),
@@ -113,6 +147,7 @@ def test_bad_requests_raise_invalid_parameter(ingested_runtime, payload, message
     from lakevision.data.samples import load_split
 
     spec = spec_for(load_split(ingested_runtime, "test"))
+    spec.max_request_pixels = 100_000
     model = ImageModel(build_model("classification", "resnet18", 3, "none"), spec)
     with pytest.raises(MlflowException, match=message) as err:
         model.predict_frame(pd.DataFrame(payload))
@@ -143,3 +178,37 @@ def test_parity_check_catches_a_different_model():
     assert compare_outputs(ref, ref, spec) == {"boxes": 0.0, "scores": 0.0}
     assert compare_outputs(ref, moved, spec)["boxes"] == pytest.approx(0.5)
     assert compare_outputs(ref, relabeled, spec)["boxes"] == float("inf")
+
+
+class _Payload:
+    """What an attacker who can write a model artifact would store: code that runs on unpickling."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_weights_load_without_running_pickled_code(tmp_path):
+    from lakevision.packaging.pyfunc import ModelLoadError, load_weights, save_weights
+
+    spec = ServingSpec("classification", False, 64, *CATS, architecture="resnet18")
+    torch.manual_seed(0)
+    model = build_model("classification", "resnet18", 3, "none").eval()
+    save_weights(model, tmp_path / "model.pt")
+    again = load_weights(tmp_path / "model.pt", spec)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(again(x), model(x))
+    marker = tmp_path / "pwned"
+    torch.save({"format": 2, "state_dict": _Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ModelLoadError, match="evil.pt cannot be read as a weights-only tensor file"):
+        load_weights(tmp_path / "evil.pt", spec)
+    assert not marker.exists()
+    torch.save(model, tmp_path / "whole.pt")  # the old format: a whole pickled module
+    with pytest.raises(ModelLoadError, match="weights-only"):
+        load_weights(tmp_path / "whole.pt", spec)
+    save_weights(build_model("classification", "resnet18", 5, "none"), tmp_path / "other.pt")
+    with pytest.raises(ModelLoadError, match="do not fit resnet18 with 3 classes: .*fc.bias"):
+        load_weights(tmp_path / "other.pt", spec)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from lakevision.data.synthetic import generate_dataset
 from lakevision.data.dataset import COCODataset, collate_fn
 from lakevision.data.transforms import build_transform
-from lakevision.training.models import WeightsUnavailableError, build_model
+from lakevision.packaging.architectures import WeightsUnavailableError, build_model
 from lakevision.training.module import BaseModel, warmup_cosine
 
 pytestmark = pytest.mark.slow  # every architecture trained for a step

@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import pickle
 import tempfile
 import warnings
@@ -27,12 +28,21 @@ import torch
 
 from lakevision.errors import LakevisionError
 
+log = logging.getLogger(__name__)
+
 IMAGE_COLUMN = "image"
 FEATURES_COLUMN = "features"  # the per-image feature record of a response (ServingSpec.feature_output)
 EMBEDDING_KEY = "embedding"
 MIN_IMAGE_SIDE = 3  # the image statistics' sharpness needs a 3x3 neighbourhood
+# what the served model opens; PIL would try every format it knows (TIFF, ICO, PSD, EPS, ...)
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# tasks whose answer survives a reduced-scale decode: a label, or boxes scaled back; masks would not
+REDUCED_DECODE_TASKS = ("classification", "detection")
+EXIF_ORIENTATION = 0x0112
+EXIF_TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
 SPEC_FILE = "serving_spec.json"
 MODEL_FILE = "model.pt"
+WEIGHTS_FORMAT = 2  # {"format", "state_dict"}; 1 was a whole pickled module
 
 
 @dataclass
@@ -49,6 +59,8 @@ class ServingSpec:
     mask_threshold: float = 0.5
     max_image_pixels: int = 4096 * 4096
     max_batch_size: int = 64
+    # decoded pixels a whole request may hold (RGB: 3 bytes each), whatever its image count
+    max_request_pixels: int = 8 * 4096 * 4096
     architecture: str = ""
     # a compact record per image (its statistics and embedding) in the response, so drift can be
     # measured from the inference table even when the request is too big to be logged
@@ -78,35 +90,90 @@ def encode_image(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def decode_image(text: Any, row: int, max_pixels: int) -> np.ndarray:
-    """One request image as an upright RGB array; every failure is a 400 naming the row."""
-    from PIL import Image, UnidentifiedImageError
-
-    from lakevision.data.images import upright_rgb
-
+def _image_bytes(text: Any, row: int) -> bytes:
     if not isinstance(text, str) or not text:
         raise bad_request(f"row {row}: `{IMAGE_COLUMN}` must be a non-empty base64 string, got {type(text).__name__}")
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"row {row}: `{IMAGE_COLUMN}` is not valid base64") from None
+
+
+def _open(data: bytes, row: int, max_pixels: int):
+    """The image opened from its header only (nothing decoded yet), its size checked."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             # PIL warns, then raises, above its own bomb limit; ours is checked first from the header
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise bad_request(f"row {row}: image is {w}x{h} = {w * h:,} pixels, "
-                                      f"more than the limit of {max_pixels:,}")
-                if min(w, h) < MIN_IMAGE_SIDE:
-                    raise bad_request(f"row {row}: image is {w}x{h} pixels; each side needs at least "
-                                      f"{MIN_IMAGE_SIDE}")
-                return upright_rgb(im)
+            im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise bad_request(f"row {row}: `{IMAGE_COLUMN}` is not an image PIL can read") from None
+        raise bad_request(f"row {row}: `{IMAGE_COLUMN}` is not a {', '.join(SUPPORTED_FORMATS)} image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise bad_request(f"row {row}: the image header does not read: {exc}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise bad_request(f"row {row}: image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}")
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise bad_request(f"row {row}: image is {w}x{h} pixels; each side needs at least {MIN_IMAGE_SIDE}")
+    return im
+
+
+@dataclass
+class DecodedImage:
+    """An upright RGB array, maybe decoded at a reduced scale, and the upright size of the file."""
+
+    array: np.ndarray
+    width: int
+    height: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Original over decoded size, per axis (1.0 when decoded in full)."""
+        return self.width / self.array.shape[1], self.height / self.array.shape[0]
+
+
+def _decode(im, row: int, reduce_to: int | None) -> DecodedImage:
+    from lakevision.data.images import upright_rgb
+
+    try:
+        w, h = im.size
+        if im.getexif().get(EXIF_ORIENTATION) in EXIF_TRANSPOSED:
+            w, h = h, w
+        if reduce_to is not None and im.format == "JPEG":
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale for a fraction of the time and memory; PIL
+            # keeps both sides at least reduce_to, so the model still downsamples what it gets
+            im.draft("RGB", (reduce_to, reduce_to))
+        return DecodedImage(upright_rgb(im), w, h)
     except (OSError, SyntaxError, ValueError) as exc:
         raise bad_request(f"row {row}: the image does not decode: {exc}") from None
+    finally:
+        im.close()
+
+
+def decode_images(texts: list[Any], spec: ServingSpec) -> list[DecodedImage]:
+    """A request's images, every failure a 400 naming the row. All headers are read before any
+    pixel is decoded, so the request's total pixels are capped (``max_request_pixels``) before
+    memory is spent on them; images larger than the model's input decode at reduced scale
+    where the task's answer does not depend on pixel positions or maps them back (boxes)."""
+    headers, total = [], 0
+    for row, text in enumerate(texts):
+        im = _open(_image_bytes(text, row), row, spec.max_image_pixels)
+        headers.append(im)
+        total += im.size[0] * im.size[1]
+        if total > spec.max_request_pixels:
+            for opened in headers:
+                opened.close()
+            raise bad_request(f"rows 0-{row}: the request's images have {total:,} pixels so far, more than the "
+                              f"limit of {spec.max_request_pixels:,} per request")
+    reduce_to = spec.image_size if spec.task in REDUCED_DECODE_TASKS and not spec.semantic else None
+    return [_decode(im, row, reduce_to) for row, im in enumerate(headers)]
+
+
+def decode_image(text: Any, row: int, max_pixels: int) -> np.ndarray:
+    """One image as an upright RGB array, in full; every failure is a 400 naming the row."""
+    return _decode(_open(_image_bytes(text, row), row, max_pixels), row, None).array
 
 
 # ---------------------------------------------------------------------- inference
@@ -183,11 +250,15 @@ def response_columns(spec: ServingSpec) -> list[str]:
     return columns + ([FEATURES_COLUMN] if spec.feature_output else [])
 
 
-def feature_record(image: np.ndarray, embedding: np.ndarray) -> dict[str, Any]:
-    """One image's statistics and embedding, rounded: a few hundred bytes of JSON."""
+def feature_record(image: np.ndarray, embedding: np.ndarray, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """One image's statistics and embedding, rounded: a few hundred bytes of JSON. ``size`` is
+    the file's own (width, height) when ``image`` was decoded at a reduced scale."""
     from lakevision.data.image_profile import image_features
 
-    record: dict[str, Any] = {k: float(f"{v:.6g}") for k, v in image_features(image).items()}
+    features = image_features(image)
+    if size is not None:
+        features.update(width=float(size[0]), height=float(size[1]), aspect_ratio=size[0] / size[1])
+    record: dict[str, Any] = {k: float(f"{v:.6g}") for k, v in features.items()}
     record[EMBEDDING_KEY] = [float(f"{v:.5g}") for v in embedding]
     return record
 
@@ -208,28 +279,52 @@ class ImageModel:
         self.model = model.eval()
         self.spec = spec
 
-    def predict_images(self, images: list[np.ndarray]):
+    def predict_images(self, images: list[np.ndarray] | list[DecodedImage]):
+        """Answers for upright RGB arrays, or for decoded request images (whose boxes and sizes
+        are mapped back to the file's own scale)."""
         import pandas as pd
 
+        decoded = [im if isinstance(im, DecodedImage) else DecodedImage(im, im.shape[1], im.shape[0]) for im in images]
         if not self.spec.feature_output:
-            rows = [to_response(r, self.spec) for r in raw_outputs(self.model, images, self.spec)]
-            return pd.DataFrame(rows, columns=response_columns(self.spec))
-        raw, records = self.predict_with_features(images)
-        rows = [{**to_response(r, self.spec), FEATURES_COLUMN: f} for r, f in zip(raw, records)]
+            raw = raw_outputs(self.model, [d.array for d in decoded], self.spec)
+            records = None
+        else:
+            raw, records = self.predict_with_features(decoded)
+        for r, d in zip(raw, decoded):
+            if "boxes" in r and d.scale != (1.0, 1.0):
+                r["boxes"] = r["boxes"] * np.array([*d.scale, *d.scale], dtype=r["boxes"].dtype)
+        rows = [to_response(r, self.spec) for r in raw]
+        if records is not None:
+            rows = [{**row, FEATURES_COLUMN: f} for row, f in zip(rows, records)]
         return pd.DataFrame(rows, columns=response_columns(self.spec))
 
-    def predict_with_features(self, images: list[np.ndarray]) -> tuple[list[dict[str, np.ndarray]], list[dict]]:
+    def predict_with_features(self, images: list[np.ndarray] | list[DecodedImage]
+                              ) -> tuple[list[dict[str, np.ndarray]], list[dict]]:
         """The raw outputs and each image's feature record, from one forward pass."""
         from lakevision.data.image_profile import EmbeddingRecorder
 
+        decoded = [im if isinstance(im, DecodedImage) else DecodedImage(im, im.shape[1], im.shape[0]) for im in images]
         with EmbeddingRecorder(self.model) as recorder:
-            raw = raw_outputs(self.model, images, self.spec)
-        return raw, [feature_record(im, e) for im, e in zip(images, recorder.rows)]
+            raw = raw_outputs(self.model, [d.array for d in decoded], self.spec)
+        return raw, [feature_record(d.array, e, (d.width, d.height)) for d, e in zip(decoded, recorder.rows)]
 
-    def profile(self, images: list[np.ndarray], batch_size: int = 16):
-        """The reference profile of ``images``: the records the served model returns for them."""
-        records = [r for i in range(0, len(images), batch_size)
-                   for r in self.predict_with_features(images[i:i + batch_size])[1]]
+    def profile(self, images: list[bytes] | list[np.ndarray], batch_size: int = 16):
+        """The reference profile of images: the records the served model returns for them. Image
+        files (bytes) are decoded as a request's images are; one the served model would refuse
+        is left out (and logged), since no request could bring it."""
+        from mlflow.exceptions import MlflowException
+
+        decoded: list[DecodedImage | np.ndarray] = []
+        for i, im in enumerate(images):
+            if isinstance(im, np.ndarray):
+                decoded.append(im)
+                continue
+            try:
+                decoded += decode_images([encode_image(im)], self.spec)
+            except MlflowException as exc:
+                log.warning("reference image %d left out: %s", i, exc.message)
+        records = [r for i in range(0, len(decoded), batch_size)
+                   for r in self.predict_with_features(decoded[i:i + batch_size])[1]]
         return profile_from_records(records)
 
     def predict_frame(self, frame):
@@ -242,8 +337,7 @@ class ImageModel:
             raise bad_request("empty batch: send at least one image")
         if len(frame) > self.spec.max_batch_size:
             raise bad_request(f"{len(frame)} images in one request; the limit is {self.spec.max_batch_size}")
-        images = [decode_image(v, i, self.spec.max_image_pixels) for i, v in enumerate(frame[IMAGE_COLUMN])]
-        return self.predict_images(images)
+        return self.predict_images(decode_images(list(frame[IMAGE_COLUMN]), self.spec))
 
 
 class LakevisionImageModel(mlflow.pyfunc.PythonModel):
@@ -251,11 +345,48 @@ class LakevisionImageModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         spec = ServingSpec.from_json(Path(context.artifacts["spec"]).read_text())
-        model = torch.load(context.artifacts["model"], map_location="cpu", weights_only=False)
-        self.image_model = ImageModel(model, spec)
+        self.image_model = ImageModel(load_weights(context.artifacts["model"], spec), spec)
 
     def predict(self, context, model_input, params=None):
         return self.image_model.predict_frame(model_input)
+
+
+def _num_classes(spec: ServingSpec) -> int:
+    return len(spec.category_ids) + (0 if spec.task == "classification" else 1)  # + background
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Tensors only: the architecture is rebuilt from the spec, so loading runs no pickled code."""
+    torch.save({"format": WEIGHTS_FORMAT, "state_dict": model.state_dict()}, path)
+
+
+def load_weights(path: str | Path, spec: ServingSpec) -> torch.nn.Module:
+    """The model of ``spec.architecture`` with the weights at ``path``, read with
+    ``weights_only=True``: a model artifact someone could write cannot run code on load."""
+    from lakevision.packaging.architectures import build_model
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        # torch's own message advises weights_only=False, the very thing this refuses
+        raise ModelLoadError(f"{Path(path).name} cannot be read as a weights-only tensor file "
+                             f"({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != WEIGHTS_FORMAT:
+        raise ModelLoadError(f"{path}: not a lakevision weights file (format {WEIGHTS_FORMAT}); a model logged "
+                             "before weights-only files must be logged again")
+    model = build_model(spec.task, spec.architecture, _num_classes(spec), "none", spec.image_size)
+    try:
+        missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
+    except (RuntimeError, TypeError, AttributeError) as exc:  # shapes that differ, or not a state dict
+        raise ModelLoadError(f"{Path(path).name}: the weights do not fit {spec.architecture} with "
+                             f"{_num_classes(spec)} classes: {str(exc).splitlines()[-1].strip()[:300]}") from None
+    # batch-norm counters exist in plain BatchNorm2d and not in the frozen one pretrained
+    # backbones use: neither changes an answer in eval mode
+    wrong = [k for k in [*missing, *unexpected] if not k.endswith("num_batches_tracked")]
+    if wrong:
+        raise ModelLoadError(f"{Path(path).name}: the weights do not fit {spec.architecture} with "
+                             f"{_num_classes(spec)} classes: {', '.join(wrong[:5])}")
+    return model.eval()
 
 
 def signature_and_example(image_model: ImageModel, example_image: bytes):
@@ -284,10 +415,12 @@ def log_image_model(model: torch.nn.Module, spec: ServingSpec, example_image: by
 
     import lakevision
 
+    if not spec.architecture:
+        raise ValueError("spec.architecture is required: the served model is rebuilt from it")
     image_model = ImageModel(model, spec)
     signature, example = signature_and_example(image_model, example_image)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        torch.save(model, Path(tmp) / MODEL_FILE)
+        save_weights(model, Path(tmp) / MODEL_FILE)
         (Path(tmp) / SPEC_FILE).write_text(spec.to_json())
         return mlflow.pyfunc.log_model(
             name=name,

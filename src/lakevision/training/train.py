@@ -25,7 +25,7 @@ from lakevision.packaging.exports import log_exports
 from lakevision.packaging.pyfunc import ImageModel, ServingSpec, log_image_model
 from lakevision.data.images import load_rgb
 from lakevision.data.samples import SplitRecords, load_split
-from lakevision.training.models import build_model
+from lakevision.packaging.architectures import build_model
 from lakevision.training.module import BaseModel
 from lakevision.training.ray_trainer import RayTrainer
 from lakevision.training.report import training_report
@@ -129,8 +129,7 @@ def reference_profile(model: ImageModel, records: SplitRecords, max_images: int 
     paths = list(records.image_paths)
     if len(paths) > max_images:
         paths = random.Random(0).sample(paths, max_images)
-    images = [load_rgb(p) for p in paths]
-    return model.profile(images)
+    return model.profile([Path(p).read_bytes() for p in paths])
 
 
 def serving_spec(rt: Runtime, task: str, arch: str, semantic: bool, train: SplitRecords) -> ServingSpec:
