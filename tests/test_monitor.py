@@ -27,7 +27,7 @@ from lakevision.monitoring.traffic import monitoring_window, request_images, res
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
 from lakevision.serving.inference_log import MAX_PAYLOAD_BYTES, InferenceLogger, inference_row
 from lakevision.packaging.pyfunc import ImageModel, ServingSpec
-from lakevision.training.models import build_model
+from lakevision.packaging.architectures import build_model
 from lakevision.tracking import TEST_PREFIX, mlflow_client
 from lakevision.packaging.pyfunc import encode_image
 from lakevision.runtime import Runtime
