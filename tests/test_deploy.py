@@ -68,6 +68,12 @@ def test_unreachable_host_fails_fast_with_the_host_in_the_message():
     assert time.monotonic() - t0 < 15
 
 
+@pytest.mark.parametrize("host", ["http://example.com", "http://10.1.2.3:8080", "ftp://127.0.0.1", "http://127.0.0.1.evil.com"])
+def test_a_token_never_goes_over_plain_http_to_another_machine(host):
+    with pytest.raises(WorkspaceAuthError, match="https"):
+        ModelServer(host, TOKEN, NAME)
+
+
 def test_a_wrong_token_is_refused(workspace):
     with pytest.raises(WorkspaceAuthError, match="refused the token"):
         ModelServer(workspace, "not-the-token", NAME).exists("anything")

@@ -4,7 +4,9 @@ from a sqlite registry: life cycle, traffic split, failed updates, metrics, rest
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,7 +51,7 @@ pytestmark = [pytest.mark.slow,
 TOKEN = "local-test-token"
 MODEL = "lakevision.version_model"  # the dot checks the default served entity name
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "image")]))
-V1, V2, BROKEN, SLOW, GATED, FAILING = "1", "2", "3", "4", "5", "6"
+V1, V2, BROKEN, SLOW, GATED, FAILING, RAISING, SLEEPY = "1", "2", "3", "4", "5", "6", "7", "8"
 SEED = 7  # the workspace's routing seed
 RELEASE_V4, RELEASE_V5 = "release-v4", "release-v5"  # SLOW and GATED load once these exist in the registry folder
 
@@ -81,6 +83,21 @@ class BrokenModel(mlflow.pyfunc.PythonModel):
         return model_input
 
 
+class RaisingModel(mlflow.pyfunc.PythonModel):
+    """A bug inside predict."""
+
+    def predict(self, context, model_input, params=None):
+        raise ZeroDivisionError("secret detail of a bug in the model")
+
+
+class SleepyModel(mlflow.pyfunc.PythonModel):
+    """Answers after a while: a request that is still in flight when the endpoint's config changes."""
+
+    def predict(self, context, model_input, params=None):
+        time.sleep(1.5)
+        return pd.DataFrame({"version": [8] * len(model_input)})
+
+
 class FailingModel(mlflow.pyfunc.PythonModel):
     """Loads, then answers what no server can send (an exception inside predict is MLflow's 400,
     "an unexpected error while evaluating the model"; one after it is the server's 500)."""
@@ -101,7 +118,7 @@ def registry(tmp_path_factory) -> Path:
     mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("workspace-test", artifact_location=(root / "artifacts").as_uri())
     for model in (VersionModel(1), VersionModel(2), BrokenModel(), VersionModel(4, release=str(root / RELEASE_V4)),
-                  VersionModel(5, release=str(root / RELEASE_V5)), FailingModel()):
+                  VersionModel(5, release=str(root / RELEASE_V5)), FailingModel(), RaisingModel(), SleepyModel()):
         with mlflow.start_run(experiment_id=experiment):
             mlflow.pyfunc.log_model(name="model", python_model=model, signature=SIGNATURE,
                                     registered_model_name=MODEL, pip_requirements=["mlflow"])
@@ -352,6 +369,51 @@ def test_a_served_model_is_queried_directly_whatever_the_split(workspace, w):
     assert parse_endpoint_metrics(w.serving_endpoints.export_metrics("direct").contents.read().decode()
                                   )[name_of(V2)]["requests"] == 10
     w.serving_endpoints.delete("direct")
+
+
+def test_a_model_that_raises_is_a_500_with_a_request_id_and_no_trace(workspace, w):
+    w.serving_endpoints.create_and_wait("raising", config=config("raising", entity(RAISING)))
+    r = raw(workspace, "POST", "/serving-endpoints/raising/invocations", json={"dataframe_records": RECORDS})
+    assert r.status_code == 500, r.text
+    body = r.json()
+    assert body["error_code"] == "INTERNAL_ERROR" and set(body) == {"error_code", "message"}
+    assert re.search(r"the model failed on request [0-9a-f-]{36} \(MlflowException\)", body["message"])
+    assert "Traceback" not in r.text and "secret detail" not in r.text
+    w.serving_endpoints.delete("raising")
+
+
+def test_a_bad_request_does_not_echo_the_request_or_a_trace(workspace, w):
+    w.serving_endpoints.create_and_wait("echo", config=config("echo", entity(V1)))
+    marker = "a-private-value-" * 20
+    r = raw(workspace, "POST", "/serving-endpoints/echo/invocations",
+            json={"dataframe_records": [{"no_such_column": marker}]})
+    assert r.status_code == 400 and marker not in r.text and "stack_trace" not in r.text, r.text[:500]
+    w.serving_endpoints.delete("echo")
+
+
+def test_deeply_nested_json_is_a_400_everywhere(workspace, w):
+    w.serving_endpoints.create_and_wait("nested", config=config("nested", entity(V1)))
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for method, path in [("POST", "/api/2.0/serving-endpoints"), ("PUT", "/api/2.0/serving-endpoints/nested/config"),
+                         ("POST", "/serving-endpoints/nested/invocations")]:
+        r = raw(workspace, method, path, data=b'{"a": ' + deep + b"}")
+        assert r.status_code == 400, (path, r.status_code, r.text[:300])
+        assert r.headers["content-type"].startswith("application/json") and r.json()["error_code"]
+    w.serving_endpoints.delete("nested")
+
+
+def test_a_request_in_flight_finishes_on_the_version_that_took_it(workspace, w):
+    w.serving_endpoints.create_and_wait("swap", config=config("swap", entity(SLEEPY)))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(raw, workspace, "POST", "/serving-endpoints/swap/invocations",
+                              json={"dataframe_records": RECORDS})
+        time.sleep(0.3)  # the request is inside the model now
+        w.serving_endpoints.update_config_and_wait("swap", served_entities=[entity(V1)])  # a promote or rollback
+        answer = pending.result(timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["served-model-name"] == name_of(SLEEPY) and answer.json()["predictions"] == [{"version": 8}]
+    assert served_version(w, "swap") == (name_of(V1), 1)
+    w.serving_endpoints.delete("swap")
 
 
 def test_a_model_bug_is_a_server_error(workspace, w):

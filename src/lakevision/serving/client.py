@@ -9,6 +9,7 @@ logged or written anywhere.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 from collections.abc import Iterator
@@ -53,6 +54,22 @@ def resolve_token(token: str | None = None, scope: str | None = None, key: str |
     return None
 
 
+def _refuse_plain_http(host: str) -> None:
+    """A token goes over TLS, or stays on this machine: plain http is for the local workspace only."""
+    url = urlparse(host if "://" in host else f"https://{host}")
+    if url.scheme == "https":
+        return
+    if url.scheme != "http":
+        raise WorkspaceAuthError(f"workspace {host}: use an https:// URL")
+    try:
+        loopback = ipaddress.ip_address(url.hostname or "").is_loopback
+    except ValueError:
+        loopback = url.hostname == "localhost"
+    if not loopback:
+        raise WorkspaceAuthError(f"workspace {host}: refusing to send a token over plain http to a host other than "
+                                 "this machine; use https://")
+
+
 def _check_reachable(host: str, timeout_s: float) -> None:
     """Fail in ``timeout_s`` instead of the SDK's 5 minutes of retries on a dead host."""
     url = urlparse(host if "://" in host else f"https://{host}")
@@ -73,6 +90,7 @@ def workspace_client(host: str | None = None, token: str | None = None,
     from databricks.sdk.config import Config
 
     if host:
+        _refuse_plain_http(host)
         _check_reachable(host, min(retry_timeout_seconds, 10))
     kwargs = {"host": host, "token": token, "retry_timeout_seconds": retry_timeout_seconds}
     if token:

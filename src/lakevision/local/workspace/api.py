@@ -255,6 +255,8 @@ async def json_body(request: Request) -> dict:
     raw = await request.body()
     try:
         body = json.loads(raw or b"{}")
+    except RecursionError:
+        raise ApiError(400, "MALFORMED_REQUEST", f"{request.method} {request.url.path}: body nests too deeply") from None
     except ValueError as exc:
         raise ApiError(400, "MALFORMED_REQUEST", f"{request.method} {request.url.path}: body is not JSON: {exc}") from None
     if not isinstance(body, dict):

@@ -52,7 +52,7 @@ from lakevision.local.workspace.api import (CREATOR, IN_PROGRESS, NOT_READY, NOT
                                             parse_tags, read_body, summary)
 from lakevision.local.workspace.app import build_app
 from lakevision.local.workspace.jobs import LocalJobs
-from lakevision.local.workspace.serving import Endpoint, LoadedModel, ModelCache, Serving, load_model
+from lakevision.local.workspace.serving import Endpoint, LoadedModel, ModelCache, Serving, load_model, scoring_error
 from lakevision.serving.endpoint_metrics import RequestStats, RequestWindow, render_endpoint_metrics
 from lakevision.serving.inference_log import (MAX_REQUEST_BYTES, InferenceLogger, inference_row, payload_table_name,
                                              split_client_request_id)
@@ -418,7 +418,6 @@ class LocalWorkspace:
     async def invoke(self, name: str, request: Request, served_entity: str | None = None) -> Response:
         """One scoring request: routed by the traffic split, or to ``served_entity`` when the
         caller names one (``/served-models/{served}/invocations``)."""
-        from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import invocations
 
         endpoint = self._get(name)
@@ -442,23 +441,19 @@ class LocalWorkspace:
             raise
         content_type = request.headers.get("content-type", "application/json")
         client_id, to_model = split_client_request_id(data)
+        request_id = str(uuid.uuid4())
         try:
             # the same call and the same thread hop as `mlflow models serve`
             result = await asyncio.to_thread(invocations, to_model, content_type, model.model, model.input_schema)
             response = Response(result.response, result.status, media_type=result.mimetype)
-        except MlflowException as exc:
-            response = Response(exc.serialize_as_json(), exc.get_http_status_code(), media_type="application/json")
-        except Exception as exc:  # a model bug is that request's 500, counted in the metrics, not a dead server
-            log.exception("endpoint %s, served entity %s: prediction failed", name, entity)
-            response = ApiError(500, "INTERNAL_ERROR",
-                                f"serving endpoint {name!r}, served entity {entity!r}: {type(exc).__name__}: {exc}"
-                                ).response()
+        except Exception as exc:  # noqa: BLE001 - every failure is this request's answer, never a dead server
+            response = scoring_error(exc, name, entity, request_id).response()
         took_ms = (time.perf_counter() - started) * 1000
         self._window.record(name, entity, response.status_code, took_ms)
         logger = self._inference_logger(endpoint.record)
         if logger is not None:
             logger.log(inference_row(entity, response.status_code, took_ms, data, bytes(response.body),
-                                     self._requester, client_request_id=client_id))
+                                     self._requester, request_id=request_id, client_request_id=client_id))
         response.headers["served-model-name"] = entity
         return response
 

@@ -3,12 +3,47 @@ between its served entities."""
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
+
+# MLflow's scoring server turns any exception raised in `predict` into this 400, stack trace and
+# all; the model failed, not the request, so the workspace answers a 500 without the trace
+_MODEL_FAILED = "Encountered an unexpected error while evaluating the model"
+# ... and prefixes the model's own 400s with the whole request, which no answer should echo
+_ECHOED_REQUEST = re.compile(r"^Failed to predict data '.*?'\. \nError: ", re.DOTALL)
+_MAX_MESSAGE_CHARS = 2000
+
+
+def scoring_error(exc: Exception, endpoint: str, entity: str, request_id: str):
+    """A failed scoring request as the ApiError it is answered with: the model's own 400s keep
+    their message; a model that failed (MLflow's wrapped exception, or an answer that cannot be
+    sent) is a 500 naming the request id, whose stack trace goes to the log only; a body nested
+    too deeply to parse is a 400."""
+    from mlflow.exceptions import MlflowException
+
+    from lakevision.local.workspace.api import ApiError
+
+    where = f"serving endpoint {endpoint!r}, served entity {entity!r}"
+    if isinstance(exc, RecursionError):
+        return ApiError(400, "MALFORMED_REQUEST", f"{where}: the request body nests too deeply to parse")
+    if isinstance(exc, MlflowException) and _MODEL_FAILED not in exc.message:
+        message = _ECHOED_REQUEST.sub("", exc.message)
+        error_code = exc.error_code if isinstance(exc.error_code, str) else "BAD_REQUEST"
+        return ApiError(exc.get_http_status_code(), error_code, message[:_MAX_MESSAGE_CHARS])
+    # MLflow keeps the model's traceback as an extra JSON field of its exception
+    trace = exc.json_kwargs.get("stack_trace") if isinstance(exc, MlflowException) else None
+    log.error("%s: request %s failed in the model\n%s", where, request_id, trace or "", exc_info=trace is None)
+    return ApiError(500, "INTERNAL_ERROR", f"{where}: the model failed on request {request_id} "
+                                           f"({type(exc).__name__}); the server log has the details")
+
 
 class LoadedModel(NamedTuple):
     model: Any  # mlflow.pyfunc.PyFuncModel
