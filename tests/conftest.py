@@ -40,8 +40,11 @@ os.environ["TMPDIR"] = str(_TMP)
 # torch's compile cache (importing torchvision creates it; the suite gives it a folder of its own)
 # and ONNX Runtime's telemetry session file (its native code writes $TMPDIR/.ses). Both go with
 # the suite's temp folder; anything else left there is a leak.
-_SESSION_CACHES = {"torchinductor", ".ses"}
+_SESSION_CACHES = {"torchinductor", ".ses", "hypothesis"}
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_TMP / "torchinductor")
+# hypothesis keeps caches (constants, unicode tables) even without an example database; in the
+# session's folder, not in the checkout
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(_TMP / "hypothesis")
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 # a child temp folder's name: one letter per test process, so workers never collide, and short
 _CHILD_TMP_PREFIX = "c" if _WORKER is None else chr(ord("a") + int(_WORKER.removeprefix("gw")) % 26)
