@@ -4,6 +4,7 @@ from a sqlite registry: life cycle, traffic split, failed updates, metrics, rest
 from __future__ import annotations
 
 import collections
+import logging
 import concurrent.futures
 import os
 import re
@@ -511,3 +512,10 @@ def test_cli_workspace_needs_a_token(monkeypatch, capsys):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     assert cli_main(["workspace", "--port", "0"]) == 2
     assert TOKEN_ENV in capsys.readouterr().err
+
+
+def test_the_sdk_does_not_warn_about_the_local_workspaces_missing_host_metadata(workspace, caplog):
+    with caplog.at_level(logging.DEBUG, logger="databricks.sdk"):
+        workspace_client(workspace.url, TOKEN, retry_timeout_seconds=5).serving_endpoints.list()
+    about_metadata = [r for r in caplog.records if "host metadata" in r.getMessage()]
+    assert about_metadata and {r.levelno for r in about_metadata} == {logging.DEBUG}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from lakevision.runtime import Runtime
 
 DEFAULT_RETRY_TIMEOUT_S = 10
+# how the local workspace says it has no host metadata (lakevision.local.workspace.app answers it)
+LOCAL_NO_HOST_METADATA = "a local workspace has no host metadata"
 
 
 class WorkspaceUnreachableError(LakevisionError, ConnectionError):
@@ -81,6 +84,22 @@ def _check_reachable(host: str, timeout_s: float) -> None:
         raise WorkspaceUnreachableError(
             f"workspace {url.scheme}://{url.hostname}:{port} is unreachable: {exc}"
         ) from None
+
+
+class _LocalHostMetadata(logging.Filter):
+    """The SDK warns on every client that its host-metadata probe failed; the local workspace has
+    none by design (it answers 404, as a workspace without the endpoint does), so for it that
+    warning is debug detail, not news. A real workspace's failure still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and LOCAL_NO_HOST_METADATA in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_SDK_LOG = logging.getLogger("databricks.sdk")
+if not any(isinstance(f, _LocalHostMetadata) for f in _SDK_LOG.filters):
+    _SDK_LOG.addFilter(_LocalHostMetadata())
 
 
 def workspace_client(host: str | None = None, token: str | None = None,

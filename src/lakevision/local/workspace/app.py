@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lakevision.local.workspace.api import ApiError, json_body
+from lakevision.serving.client import LOCAL_NO_HOST_METADATA
 from lakevision.serving.endpoint_metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def build_app(ws: LocalWorkspace, token: bytes) -> FastAPI:
     @app.get("/.well-known/databricks-config")
     async def host_metadata() -> Response:
         # the SDK asks for host metadata first; a 404 makes it go on with the configured token
-        raise ApiError(404, "ENDPOINT_NOT_FOUND", "a local workspace has no host metadata")
+        raise ApiError(404, "ENDPOINT_NOT_FOUND", LOCAL_NO_HOST_METADATA)
 
     api = APIRouter(dependencies=[Depends(_authorizer(token))])
 
