@@ -22,6 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from lakevision import progress
 from lakevision.config import Training
 from lakevision.tasks import task_kind
 from lakevision.data.dataset import COCODataset, worker_collate_fn
@@ -53,10 +54,24 @@ class _EpochLogger(pl.Callback):
                    if v.numel() == 1 and not k.endswith(("_step", "_epoch"))}
         metrics["epoch_seconds"] = time.monotonic() - self._t0
         epoch = trainer.current_epoch
-        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-        print(f"epoch {epoch + 1}/{trainer.max_epochs} {shown}", file=sys.stderr, flush=True)
+        progress.report(epoch_line(trainer, epoch, metrics))
         if self.metrics_file:
             append_epoch(self.metrics_file, epoch, metrics)
+
+
+def epoch_line(trainer, epoch: int, metrics: dict[str, float]) -> str:
+    """``epoch 3/10, 1:02 elapsed, ~3:58 left of the 5:00 budget, train_loss 0.412, val_map_50 0.523``."""
+    from pytorch_lightning.callbacks import Timer
+
+    parts = [f"epoch {epoch + 1}/{trainer.max_epochs}"]
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None:
+        elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
+        parts.append(f"{progress.minutes(elapsed)} elapsed")
+        if left is not None:
+            parts.append(f"~{progress.minutes(left)} left of the {progress.minutes(elapsed + left)} budget")
+    parts += [f"{k} {metrics[k]:.4g}" for k in sorted(metrics) if k.startswith(("train_loss", "val_"))]
+    return ", ".join(parts)
 
 
 def _loaders(cfg: dict):
