@@ -2,10 +2,14 @@
 
 A step reads ``k=v`` arguments (from its widget ``args`` as a notebook task, from its command line
 as a Python file or wheel task) and acts on them: ``sleep=S``, ``fail=MSG``, ``exit=N``,
-``counter=FILE fail_times=N`` (fail until the file counted N attempts), ``v:name=value`` (publish
+``counter=FILE fail_times=N`` (fail until the file counted N attempts), ``progress=MSG`` (report a
+progress line, then print a coloured warning), ``v:name=value`` (publish
 a task value), ``stamps=FILE`` (append the time this attempt's process started), ``spawn=FILE`` (start a
 sleeping grandchild in a session of its own, as Spark and Ray do, and write its pid), plus the job
-cluster's schema and the data root as values."""
+cluster's schema and the data root as values. With ``mlflow=EXPERIMENT`` the step runs as a job
+step does: under :func:`lakevision.jobs.base.stop_on_sigterm`, inside an MLflow run in the data
+root's store, with a child process in its own process group that it stops when it ends, and
+``delta=N`` appends N one-row commits to the Delta table ``<root>/tables/mini/commits``."""
 
 from __future__ import annotations
 
@@ -14,32 +18,62 @@ from pathlib import Path
 import yaml
 
 STEP = """
-import os, sys, time
+import contextlib, os, sys, time
 from lakevision.bundle.task_context import set_task_values, widget
 args = dict(a.split("=", 1) for a in (widget("args").splitlines() if NOTEBOOK else sys.argv[1:]))
-if "stamps" in args:  # when the runner started this process: /proc's start time, not now (startup varies)
-    ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-    btime = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-    open(args["stamps"], "a").write(f"{btime + ticks / os.sysconf('SC_CLK_TCK')}\\n")
-if "spawn" in args:
+step = contextlib.ExitStack()
+if "mlflow" in args:
     import subprocess
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
-    open(args["spawn"], "w").write(str(child.pid))
-if "sleep" in args:
-    time.sleep(float(args["sleep"]))
-counter = args.get("counter")
-if counter:
-    n = int(open(counter).read()) if os.path.exists(counter) else 0
-    open(counter, "w").write(str(n + 1))
-    if n < int(args["fail_times"]):
-        raise RuntimeError(f"lakevision test: error: attempt {n + 1} fails")
-if args.get("fail"):
-    raise RuntimeError("lakevision test: error: " + args["fail"])
-if args.get("exit"):
-    sys.exit(int(args["exit"]))
-values = {k[2:]: v for k, v in args.items() if k.startswith("v:")}
-if values or args.get("publish"):
-    set_task_values(**values, env_schema=os.environ.get("LAKEVISION_SCHEMA"), root=os.environ.get("LAKEVISION_ROOT"))
+    import mlflow
+    from lakevision.jobs.base import stop_on_sigterm
+    step.enter_context(stop_on_sigterm())
+    mlflow.set_tracking_uri("sqlite:///" + os.path.join(os.environ["LAKEVISION_ROOT"], "mlflow.db"))
+    mlflow.set_experiment(args["mlflow"])
+    step.enter_context(mlflow.start_run())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    step.callback(child.wait)
+    step.callback(child.terminate)
+
+
+def body():
+    if "stamps" in args:  # when the runner started this process: /proc's start time, not now (startup varies)
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        open(args["stamps"], "a").write(f"{btime + ticks / os.sysconf('SC_CLK_TCK')}\\n")
+    if "spawn" in args:
+        import subprocess
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        open(args["spawn"], "w").write(str(grandchild.pid))
+    if "delta" in args:
+        import pyarrow as pa
+        from deltalake import write_deltalake
+        table = os.path.join(os.environ["LAKEVISION_ROOT"], "tables", "mini", "commits")
+        for i in range(int(args["delta"])):
+            write_deltalake(table, pa.table({"pid": [os.getpid()], "i": [i]}), mode="append")
+    if "progress" in args:  # a progress line, then the kind of library noise that follows one
+        from lakevision import progress
+        progress.report(args["progress"])
+        print("UserWarning: \x1b[33mnot the user's business\x1b[0m", file=sys.stderr, flush=True)
+    if "sleep" in args:
+        time.sleep(float(args["sleep"]))
+    counter = args.get("counter")
+    if counter:
+        n = int(open(counter).read()) if os.path.exists(counter) else 0
+        open(counter, "w").write(str(n + 1))
+        if n < int(args["fail_times"]):
+            raise RuntimeError(f"lakevision test: error: attempt {n + 1} fails")
+    if args.get("fail"):
+        raise RuntimeError("lakevision test: error: " + args["fail"])
+    if args.get("exit"):
+        sys.exit(int(args["exit"]))
+    values = {k[2:]: v for k, v in args.items() if k.startswith("v:")}
+    if values or args.get("publish"):
+        set_task_values(**values, env_schema=os.environ.get("LAKEVISION_SCHEMA"),
+                        root=os.environ.get("LAKEVISION_ROOT"))
+
+
+with step:
+    body()
 """
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from lakevision.errors import LakevisionError
 from lakevision.jobs import STEPS
-from lakevision.jobs.base import positive_int
+from lakevision.jobs.base import positive_int, stop_on_sigterm
 
 # Sail logs every session at INFO, and a warning for each idle task it aborts at shutdown.
 os.environ.setdefault("RUST_LOG", "warn,sail_common::actor=error")
@@ -39,7 +39,7 @@ def _stdout_for_json(enabled: bool):
 
 def run_step(args: argparse.Namespace) -> int:
     """A job step from the command line: its result printed, its failure raised."""
-    with _stdout_for_json(args.json):
+    with _stdout_for_json(args.json), stop_on_sigterm():
         result = args.step.run(args)
     if args.json:
         print(json.dumps(result.to_json(), default=str))

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,6 +21,9 @@ from typing import Any, Protocol
 from lakevision.config import load_config
 from lakevision.runtime import Runtime
 from lakevision.tasks import TRAINING_TASKS
+
+log = logging.getLogger(__name__)
+
 
 class StepResult(Protocol):
     def to_json(self) -> dict[str, Any]:
@@ -111,3 +118,42 @@ def job_runtime(args: argparse.Namespace) -> Iterator[Runtime]:
         yield rt
     finally:
         rt.stop()
+
+
+def end_active_mlflow_runs(status: str = "KILLED") -> None:
+    """End every MLflow run this process has active (MLflow is not imported for this)."""
+    mlflow = sys.modules.get("mlflow")
+    while mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run(status=status)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(end_mlflow_runs: bool = True) -> Iterator[None]:
+    """SIGTERM (the run was cancelled, or the task ran past its timeout) stops the step: its
+    active MLflow run ends KILLED (unless ``end_mlflow_runs`` is false), then ``SystemExit(143)``
+    unwinds the step as an error would, so each ``finally`` stops what it started (Ray, the
+    workspace process, Sail) and removes its staging while the runner waits out its grace period.
+    A second SIGTERM does not interrupt that. Only in the main thread, where Python runs signal
+    handlers; elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def handler(signum, frame):
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        try:
+            if end_mlflow_runs:
+                end_active_mlflow_runs("KILLED")
+        except Exception:  # the store may be what hangs; unwinding still ends the run (FAILED)
+            log.exception("could not end the active MLflow run as KILLED")
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -16,7 +16,7 @@ from typing import Any
 from lakevision.bundle.task_context import set_task_values, widget
 from lakevision.errors import LakevisionError
 from lakevision.jobs import STEPS
-from lakevision.jobs.base import StepResult
+from lakevision.jobs.base import StepResult, stop_on_sigterm
 
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
@@ -74,7 +74,8 @@ def run_notebook_step(name: str) -> StepResult:
     parser = _WidgetParser(prog=f"jobs/{name}")
     step.add_arguments(parser)
     args = parser.parse_args(widget_arguments(parser))
-    result = step.run(args)
+    with stop_on_sigterm():
+        result = step.run(args)
     values: dict[str, Any] = result.task_values()
     set_task_values(**values)
     print("\n".join(result.summary()), flush=True)

@@ -17,12 +17,11 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,19 @@ from typing import Any
 from lakevision.bundle.loader import Bundle, BundleError, Problem, local_job_id
 from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VALUES_ENV, WIDGET_ENV_PREFIX, widget_env
 from lakevision.local.job_runs import SKIPPED, end_without_result, submit, wait_for_turn
-from lakevision.local.process_tree import kill_tree
+from lakevision.local.process_tree import kill_tree, run_mark
 from lakevision.local.bundle_validate import DYNAMIC_REF, notebook_file, validate_bundle
 from lakevision.errors import LakevisionError
+from lakevision.jobs.base import stop_on_sigterm
 from lakevision.runtime import ROOT_ENV, LocalLayout
 
 SUCCESS, FAILED, UPSTREAM_FAILED, EXCLUDED, TIMED_OUT = "SUCCESS", "FAILED", "UPSTREAM_FAILED", "EXCLUDED", "TIMED_OUT"
 _LOG_TAIL_LINES = 12
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HEARTBEAT_S = 30.0  # how often a long task reports its latest log line
-KILL_GRACE_S = 10.0  # a task being cancelled gets this long to end its MLflow run and clean up
+# a task being cancelled or past its timeout gets SIGTERM and this long to end its MLflow run, stop
+# what it started and remove its staging, before SIGKILL
+KILL_GRACE_S = 10.0
 
 # Runs the console script `entry_point` of distribution `package` with the remaining arguments,
 # as a python_wheel_task does on a cluster: the entry point's return value is ignored (see
@@ -68,8 +70,21 @@ code = compile(open(path, encoding="utf-8").read(), path, "exec")
 try:
     exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
 except SystemExit as exc:
+    if exc.code == 143:  # SIGTERM: the run was cancelled or the task timed out, and the step stopped
+        raise
     sys.exit(f"{os.path.basename(path)}: the notebook called sys.exit({exc.code!r}); a notebook task ends with "
              "dbutils.notebook.exit() or fails by raising an exception")
+"""
+
+# Stops a run's processes when its runner dies without doing so (SIGKILL, a crash): it waits for the
+# runner to close its end of a pipe and, unless the runner wrote "done" first, stops every process
+# that carries the run's mark as a cancelled run's are stopped (SIGTERM, the grace period, SIGKILL).
+_GUARD = """
+import sys
+from lakevision.local.process_tree import kill_tree
+marker, grace = sys.argv[1], float(sys.argv[2])
+if sys.stdin.buffer.read() != b"done":
+    kill_tree(None, grace, marker)
 """
 
 
@@ -283,7 +298,7 @@ class LocalJobRunner:
         # not the widgets of a task this runner itself runs under (a job the monitor task started)
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(WIDGET_ENV_PREFIX)}
         env = {**inherited, **self._cluster_env(task, job), **extra_env,
-               TASK_TYPE_ENV: kind, ROOT_ENV: str(self.root), "PYTHONUNBUFFERED": "1"}
+               TASK_TYPE_ENV: kind, ROOT_ENV: str(self.root), "PYTHONUNBUFFERED": "1", run_mark(ctx["marker"]): "1"}
         env.pop(TASK_VALUES_ENV, None)
         if kind == NOTEBOOK_TASK:  # the only task type whose values Databricks keeps
             env[TASK_VALUES_ENV] = str(values_file)
@@ -308,7 +323,7 @@ class LocalJobRunner:
                 code = self._wait(subprocess.Popen(argv, cwd=self.bundle.root, env=env, stdout=out,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                    start_new_session=True),
-                                  timeout, result, log)
+                                  timeout, result, log, ctx["marker"])
             if code == 0:
                 result.status = SUCCESS
                 result.values = json.loads(values_file.read_text()) if values_file.exists() else {}
@@ -326,21 +341,20 @@ class LocalJobRunner:
                 return result  # no time left in the job for another attempt
             time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
-    def _wait(self, proc: subprocess.Popen, timeout: float | None, result: TaskRun, log: Path) -> int | None:
-        """The exit code, or None after killing a process that ran past ``timeout``; reports the
-        log's latest line every HEARTBEAT_S so a long task shows it is alive."""
+    def _wait(self, proc: subprocess.Popen, timeout: float | None, result: TaskRun, log: Path,
+              marker: str) -> int | None:
+        """The exit code, or None after stopping a process that ran past ``timeout`` (SIGTERM, then
+        SIGKILL after KILL_GRACE_S); reports the log's latest line every HEARTBEAT_S so a long task
+        shows it is alive. Ctrl-C and SIGTERM leave through :meth:`run`, which stops the task."""
         started = time.monotonic()
         beat = started
         while True:
             try:
                 return proc.wait(timeout=1.0)
-            except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through _exit_on_sigterm
-                kill_tree(proc.pid, grace_s=KILL_GRACE_S)
-                raise
             except subprocess.TimeoutExpired:
                 now = time.monotonic()
                 if timeout is not None and now - started > timeout:
-                    kill_tree(proc.pid)
+                    kill_tree(proc.pid, KILL_GRACE_S, marker)
                     proc.wait()
                     return None
                 if now - beat >= HEARTBEAT_S:
@@ -375,21 +389,29 @@ class LocalJobRunner:
                 return JobRun(job_key, run_id, self.bundle.target, SKIPPED, params, [], 0.0,
                               str(LocalLayout(self.root).job_runs(job_key) / str(run_id)),
                               message=record["state_message"])
-        try:
-            with _exit_on_sigterm():
-                wait_for_turn(self.root, job_key, run_id, job, params, on_wait=lambda message: self._report(
-                    "queued", TaskRun(job_key, "QUEUED", message=message), 0, 0))
-            return self._run(job_key, job, params, run_id)
-        except BaseException as exc:  # Ctrl-C, SIGTERM, a bug: the run ends with no result, and says so
-            end_without_result(self.root, job_key, run_id, f"the runner stopped: {type(exc).__name__}: {exc}")
-            raise
+        # every task process of this run carries it, and so does whatever the task starts
+        marker = f"{run_id}_{uuid.uuid4().hex[:8]}"
+        with _guarded(marker):
+            try:
+                with stop_on_sigterm(end_mlflow_runs=False):
+                    wait_for_turn(self.root, job_key, run_id, job, params, on_wait=lambda message: self._report(
+                        "queued", TaskRun(job_key, "QUEUED", message=message), 0, 0))
+                run = self._run(job_key, job, params, run_id, marker)
+            except BaseException as exc:  # Ctrl-C, SIGTERM, a bug: the run ends with no result, and says so
+                # the running task gets SIGTERM and KILL_GRACE_S to end its MLflow run and clean up
+                kill_tree(None, KILL_GRACE_S, marker)
+                end_without_result(self.root, job_key, run_id, f"the runner stopped: {type(exc).__name__}: {exc}")
+                raise
+            # a run ends as its job cluster does: whatever its tasks left running is stopped
+            kill_tree(None, KILL_GRACE_S, marker)
+            return run
 
-    def _run(self, job_key: str, job: dict, params: dict[str, str], run_id: int) -> JobRun:
+    def _run(self, job_key: str, job: dict, params: dict[str, str], run_id: int, marker: str) -> JobRun:
         run_dir = LocalLayout(self.root).job_runs(job_key) / str(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         deadline = started + job["timeout_seconds"] if job.get("timeout_seconds") else None
-        ctx: dict[str, Any] = {"parameters": params, "values": {}, "run": {
+        ctx: dict[str, Any] = {"parameters": params, "values": {}, "marker": marker, "run": {
             "job.id": str(local_job_id(job_key)), "job.name": job.get("name", job_key), "job.run_id": str(run_id),
             "job.repair_count": "0", "job.trigger.type": "one_time",
             "job.start_time.iso_date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -397,7 +419,7 @@ class LocalJobRunner:
             "job.start_time.timestamp_ms": str(run_id)}}
         order = topological_order(job.get("tasks") or [])
         runs: dict[str, TaskRun] = {}
-        with _exit_on_sigterm():
+        with stop_on_sigterm(end_mlflow_runs=False):
             for i, task in enumerate(order, 1):
                 self._run_task(task, i, len(order), job, job_key, runs, ctx, run_id, run_dir, deadline)
         tasks = [runs[t["task_key"]] for t in job.get("tasks") or []]
@@ -440,21 +462,22 @@ class LocalJobRunner:
 
 
 @contextlib.contextmanager
-def _exit_on_sigterm():
-    """SIGTERM ends a run as Ctrl-C does: the running task is killed with everything it started
-    (a scheduler or CI cancelling the runner must not leave Spark or Ray behind)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
+def _guarded(marker: str) -> Iterator[None]:
+    """A guard process for the block (see _GUARD): if this process dies inside it, even by SIGKILL,
+    the processes marked with ``marker`` are stopped all the same."""
+    read, write = os.pipe()  # neither end is inherited by the tasks (PEP 446, close_fds)
+    try:
+        guard = subprocess.Popen([sys.executable, "-c", _GUARD, marker, str(KILL_GRACE_S)], stdin=read,
+                                 stdout=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        os.close(read)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(OSError):  # a guard killed from outside
+            os.write(write, b"done")
+        os.close(write)
+        guard.wait()
 
 
 def job_parameters(job_key: str, job: dict, given: dict[str, str] | None) -> dict[str, str]:

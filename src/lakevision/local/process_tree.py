@@ -1,5 +1,7 @@
-"""A process and everything it started, found through /proc: a task's Spark, Ray and workspace
-children start sessions of their own, so killing the task's process group misses them."""
+"""A process and everything it started: a task's Spark, Ray and workspace children start sessions
+of their own, so killing the task's process group misses them. The tree is found through /proc
+(:mod:`lakevision.processes`) and, for what left it, through a variable every task of a run
+carries in its environment (:func:`run_mark`)."""
 
 from __future__ import annotations
 
@@ -7,68 +9,67 @@ import contextlib
 import os
 import signal
 import time
-from pathlib import Path
+
+from lakevision.processes import alive, descendants, process_group, start_ticks, with_environment
+
+__all__ = ["RUN_MARK_PREFIX", "alive", "descendants", "kill_tree", "run_mark", "start_ticks"]
+
+# RUN_MARK_PREFIX + <run marker> = 1 in the environment of every task process of one local job run
+# (and so of everything they start); a run started through the Jobs API starts without them
+RUN_MARK_PREFIX = "LAKEVISION_RUN_MARK_"
 
 
-def _parents() -> dict[int, int]:
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        out[int(stat.parent.name)] = int(fields[1])
-    return out
+def run_mark(marker: str) -> str:
+    """The environment variable that marks the processes of the run with ``marker``."""
+    return RUN_MARK_PREFIX + marker
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` now (children, grandchildren, ...); empty off Linux."""
-    children: dict[int, list[int]] = {}
-    for child, parent in _parents().items():
-        children.setdefault(parent, []).append(child)
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for its parent."""
-    try:
-        os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, PermissionError, OSError, IndexError):
-        return False
-
-
-def start_ticks(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks since boot: with the pid, it names one process even after
-    the pid is reused. None when there is no such process."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _signal(pids: set[int], group: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
+def _kill(pids, sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
 
 
-def kill_tree(pid: int, grace_s: float = 0.0) -> None:
-    """``pid``'s process group and every descendant: SIGTERM and up to ``grace_s`` to exit
-    (MLflow runs end, staging is cleaned), then SIGKILL. The tree is read before anything dies,
-    as orphans are re-parented and could no longer be found."""
-    tree = {pid} | descendants(pid)
-    if grace_s > 0:
-        _signal(tree, pid, signal.SIGTERM)
+def _killpg(groups, sig: int) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+
+
+def kill_tree(pid: int | None, grace_s: float = 0.0, marker: str | None = None) -> None:
+    """Stop ``pid`` with its process group and every descendant, and with ``marker`` every process
+    carrying :func:`run_mark` (``pid`` None: those only).
+
+    With ``grace_s``, SIGTERM goes to ``pid``'s process group (for a marker, to the groups its
+    marked processes lead), and the groups get up to ``grace_s`` to exit: a task ends its MLflow
+    run, stops the workspace, Sail and Ray it started and removes its staging. Then SIGKILL goes to
+    whatever is left, until nothing is. The tree is read before anything dies, as orphans are
+    re-parented and could no longer be found below ``pid``."""
+    roots = [pid] if pid is not None else []
+
+    def found() -> set[int]:
+        now = descendants(*roots) | ({pid} if pid is not None else set())
+        if marker is not None:
+            now |= with_environment(run_mark(marker))
+        return now
+
+    # pid -> start time: a pid reused meanwhile by another process is not that process
+    tree = {p: start_ticks(p) for p in found()}
+
+    def left() -> set[int]:
+        now = found() | {p for p, ticks in tree.items() if start_ticks(p) == ticks}
+        return {p for p in now if p != os.getpid() and alive(p)}
+
+    groups = {pid} if pid is not None else {p for p in tree if process_group(p) == p}
+    if grace_s > 0 and groups:
+        _killpg(groups, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(alive(p) for p in tree):
+        while time.monotonic() < deadline and any(process_group(p) in groups for p in left()):
             time.sleep(0.1)
-    _signal(tree | descendants(pid), pid, signal.SIGKILL)
+    for _ in range(100):  # a process forking while it is killed can add one more; give up after ~5 s
+        victims = left()
+        _killpg(groups, signal.SIGKILL)
+        if not victims:
+            return
+        _kill(victims, signal.SIGKILL)
+        time.sleep(0.05)

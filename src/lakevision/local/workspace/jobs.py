@@ -42,6 +42,7 @@ from lakevision.bundle.loader import Bundle, BundleError, load_bundle, local_job
 from lakevision.local.job_runner import JobRunError, job_parameters, render_value
 from lakevision.local.job_runs import (OUTPUT, QUEUED, RESULT, RUNNING, SKIPPED, RunFolder, all_run_folders,
                                        find_run, job_run_folders, submit)
+from lakevision.local.process_tree import RUN_MARK_PREFIX
 from lakevision.local.workspace.api import TOKEN_ENV, ApiError, invalid
 from lakevision.runtime import LocalLayout
 
@@ -205,7 +206,9 @@ class LocalJobs:
         argv = [sys.executable, "-m", "lakevision.cli", "bundle", "run", key, "-t", self.target,
                 "--bundle", str(self.bundle_dir), "--root", str(self.root), "--run-id", str(run_id),
                 *[a for k, v in params.items() for a in ("--param", f"{k}={v}")]]
-        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # the run has no use for this workspace's token
+        # the run has no use for this workspace's token; and it is a run of its own, which outlives the
+        # task that started this workspace: it does not carry that task's run mark
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV and not k.startswith(RUN_MARK_PREFIX)}
         with open(output, "w") as out:
             proc = subprocess.Popen(argv, cwd=self.bundle_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
