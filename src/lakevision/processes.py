@@ -41,6 +41,15 @@ def descendants(*pids: int) -> set[int]:
     return found
 
 
+def ancestors(pid: int) -> set[int]:
+    """The parent of ``pid``, its parent, and so on up to init."""
+    found = set()
+    while (fields := _stat(pid)) is not None and int(fields[1]) > 0 and int(fields[1]) not in found:
+        pid = int(fields[1])
+        found.add(pid)
+    return found
+
+
 def alive(pid: int) -> bool:
     """Running, and not a zombie waiting for its parent."""
     fields = _stat(pid)

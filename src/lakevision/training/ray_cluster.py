@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from lakevision.config import DistributedSettings
+from lakevision.processes import alive, ancestors, command_line, descendants, start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,27 @@ def _kill(pids: set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+
+
+def cluster_processes(cluster_dir: str) -> dict[int, int | None]:
+    """The processes of the Ray cluster whose temp folder is ``cluster_dir``, with their start times:
+    its nodes (their command lines name the folder itself, not a longer path that starts with it)
+    and everything below them, agents included. Read while the nodes still run: after a shutdown
+    an orphaned agent is re-parented and no longer below them."""
+    names_dir = re.compile(re.escape(cluster_dir.rstrip("/")) + r"(?=$|[/\s\"'])")
+    mine = {os.getpid()} | ancestors(os.getpid())  # whatever their command lines say, never these
+    nodes = {pid for pid in processes_matching(cluster_dir) if names_dir.search(command_line(pid))} - mine
+    return {pid: start_ticks(pid) for pid in nodes | descendants(*nodes)}
+
+
+def kill_leftover_agents(processes: dict[int, int | None]) -> set[int]:
+    """SIGKILL the Ray agents among ``processes`` (from :func:`cluster_processes`) that outlived their
+    cluster's shutdown (they ignore SIGTERM); never a process that merely reuses one of their pids,
+    nor any other cluster's. The pids killed."""
+    left = {pid for pid, ticks in processes.items()
+            if alive(pid) and start_ticks(pid) == ticks and any(m in command_line(pid) for m in _AGENT_MARKERS)}
+    _kill(left)
+    return left
 
 
 def classic_spark_session():
@@ -219,6 +242,7 @@ def _ray_on_spark(settings: DistributedSettings, spark, log_to_driver: bool) -> 
     kwargs: dict = {"max_worker_nodes": settings.num_workers, "num_cpus_head_node": 0,
                     "head_node_options": {"include_dashboard": False}, "ray_temp_root_dir": _temp_parent()}
     cluster_dir = None
+    started: dict[int, int | None] = {}  # this cluster's processes, read before its shutdown
     try:
         address = _setup_with_retry(setup_ray_cluster, shutdown_ray_cluster, kwargs)
         cluster_dir = _active_cluster_temp_dir()
@@ -226,12 +250,13 @@ def _ray_on_spark(settings: DistributedSettings, spark, log_to_driver: bool) -> 
         try:
             yield "ray_on_spark"
         finally:
+            started = cluster_processes(cluster_dir)
             ray.shutdown()
             shutdown_ray_cluster()
     finally:
         if cluster_dir is not None:
-            # agents this cluster started and shutdown left behind (they ignore SIGTERM); no other's
-            _kill(processes_matching(*_AGENT_MARKERS, within=cluster_dir))
+            # agents this cluster started and shutdown left behind; no other cluster's
+            kill_leftover_agents({**cluster_processes(cluster_dir), **started})
             shutil.rmtree(cluster_dir, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):  # start_ray_node.py's lock beside the folder
                 os.remove(cluster_dir + ".lock")
