@@ -11,6 +11,7 @@ import time
 import mlflow
 import pytest
 
+from lakevision.data.samples import load_split
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
 
 from . import processes
@@ -63,6 +64,15 @@ def test_deploy_job_deploys_then_refuses_a_failing_model(ingested_runtime, root)
     assert report["status"] == "gate_failed" and report["endpoint_state"]["routes"] == [
         {"served_entity_name": "job_model-1", "traffic_percentage": 100}]  # the endpoint came back from disk
     assert ModelRegistry(ingested_runtime, "job_model").by_alias(CHAMPION).version == "1"
+
+    # the deployed endpoint answers `lakevision query` (a workspace started again over the root)
+    image = load_split(ingested_runtime, "test").image_paths[0]
+    proc = _run(root, "-m", "lakevision.cli", "query", "--endpoint", "e2e", image, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout)
+    assert answer["served_by"] == "job_model-1" and "label" in answer["prediction"]
+    assert "features" not in answer["prediction"] and answer["state"]["ready"] == "READY"
+    assert "host metadata" not in proc.stderr  # the SDK's warning about the local workspace stays quiet
 
 
 def test_gate_command_registers_a_passing_model(ingested_runtime, root):

@@ -4,6 +4,7 @@ one query to the deployed endpoint and a report of what every stage left behind.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import time
@@ -19,19 +20,26 @@ DEMO_JOB = "cv_pipeline"
 DEMO_TARGET = "local"
 
 
-def query_endpoint(root: Path, endpoint: str, model_name: str, image: Path) -> dict[str, Any]:
-    """Start the local workspace again (endpoints persist) and ask ``endpoint`` about ``image``."""
+def query_endpoint(root: Path, endpoint: str, images: list[Path], host: str | None = None) -> list[dict[str, Any]]:
+    """Ask ``endpoint`` about each image, one request each: on ``host`` (token from
+    ``DATABRICKS_TOKEN``), or on a local workspace started again over ``root`` (endpoints persist)."""
+    from lakevision.serving.client import resolve_token
     from lakevision.serving.model_server import ModelServer
     from lakevision.local.workspace.process import local_workspace_process
 
-    with local_workspace_process(root) as (url, token):
-        server = ModelServer(url, token, model_name)
-        t0 = time.perf_counter()
-        preds, served_by = server.query(endpoint, [base64.b64encode(image.read_bytes()).decode()])
-        ms = (time.perf_counter() - t0) * 1000
+    with contextlib.ExitStack() as stack:
+        url, token = (host, resolve_token()) if host else stack.enter_context(local_workspace_process(root))
+        server = ModelServer(url, token, "")
+        answers = []
+        for image in images:
+            t0 = time.perf_counter()
+            preds, served_by = server.query(endpoint, [base64.b64encode(image.read_bytes()).decode()])
+            answers.append({"image": str(image), "served_by": served_by,
+                            "latency_ms": round((time.perf_counter() - t0) * 1000, 1), "prediction": preds[0]})
         state = server.monitor_endpoint(endpoint)
-    return {"image": str(image), "served_by": served_by, "latency_ms": round(ms, 1), "prediction": preds[0],
-            "state": state["state"], "routes": state["routes"]}
+    for answer in answers:
+        answer.update(state=state["state"], routes=state["routes"])
+    return answers
 
 
 def _report(run: JobRun, root: Path, sample: dict | None) -> list[str]:
@@ -70,6 +78,9 @@ def _report(run: JobRun, root: Path, sample: dict | None) -> list[str]:
                      + ", ".join(f"{r['served_entity_name']} {r['traffic_percentage']}%" for r in sample["routes"]))
         lines.append(f"sample query ({Path(sample['image']).name}, {sample['latency_ms']} ms, {sample['served_by']}): "
                      f"{len(boxes)} boxes; top: " + "; ".join(f"{c} {s:.2f} {[round(x) for x in b]}" for s, c, b in top))
+    if sample:
+        lines.append(f"query it again: lakevision query --root {root} --endpoint {deploy['endpoint']} {sample['image']}")
+    lines.append("stages: " + ", ".join(f"{t.task_key} {t.seconds:.0f} s" for t in run.tasks if t.attempts))
     lines.append(f"task logs: {run.run_dir}")
     layout = LocalLayout(root)
     lines.append(f"MLflow UI: mlflow ui --backend-store-uri {layout.tracking_uri} --default-artifact-root {layout.artifacts}")
@@ -92,8 +103,7 @@ def run_demo(root: str | os.PathLike | None = None, images: int = 400, bundle_di
     deploy = next((t for t in run.tasks if t.task_key == "deploy"), None)
     if deploy is not None and deploy.status == SUCCESS:
         image = sorted(Path(ds.image_dir).iterdir())[0]
-        model_name = bundle.resources["registered_models"]["detector"]["name"]  # dev_<user>_ in a development target
-        sample = query_endpoint(root, deploy.values["endpoint"], model_name, image)
+        (sample,) = query_endpoint(root, deploy.values["endpoint"], [image])
     for line in _report(run, root, sample):
         print(line)
     summary = {"status": run.status, "minutes": round((time.monotonic() - t0) / 60, 2)}

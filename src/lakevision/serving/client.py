@@ -23,6 +23,8 @@ from lakevision.errors import LakevisionError
 if TYPE_CHECKING:
     from lakevision.runtime import Runtime
 
+log = logging.getLogger(__name__)
+
 DEFAULT_RETRY_TIMEOUT_S = 10
 # how the local workspace says it has no host metadata (lakevision.local.workspace.app answers it)
 LOCAL_NO_HOST_METADATA = "a local workspace has no host metadata"
@@ -92,8 +94,9 @@ class _LocalHostMetadata(logging.Filter):
     warning is debug detail, not news. A real workspace's failure still warns."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and LOCAL_NO_HOST_METADATA in record.getMessage():
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        if record.levelno >= logging.WARNING and LOCAL_NO_HOST_METADATA in record.getMessage():
+            log.debug("%s", record.getMessage())  # a handler's own level would still print it at any level
+            return False
         return True
 
 
