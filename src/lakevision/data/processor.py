@@ -38,6 +38,8 @@ REASON_CODES = (
     "bbox_out_of_bounds",
     "invalid_bbox",
     "duplicate_id",
+    # hostile input: a file_name that leaves the image folder or is no regular file (never opened)
+    "unsafe_file",
 )
 QUARANTINE_KEYS = ("record_kind", "record_id", "reason", "source_file")
 # Columns whose change makes a record "changed" on re-ingest (run ids and file paths do not).
@@ -179,7 +181,7 @@ class COCOProcessor:
         todo_pdf = todo.select("id", "file_name").orderBy("id").toPandas()
         out = self.staging_dir / "image_checks"
         step = self.config.image_check_batch_size
-        checker = make_checker(image_dir)
+        checker = make_checker(image_dir, self.config.validation.max_image_size)
         with tqdm(total=len(todo_pdf), unit="img", desc="checking images", disable=not progress) as bar:
             for start in range(0, len(todo_pdf), step):
                 chunk = todo_pdf.iloc[start : start + step]
@@ -204,8 +206,8 @@ class COCOProcessor:
         """Validate every record; return ``{reason_code: ["image:12", "annotation:40", ...]}``.
 
         ``df`` holds image check results (from :meth:`check_images` or :meth:`process_images`);
-        by default the last ones. Each bad record gets exactly one reason code, the first that
-        applies in :data:`REASON_CODES` order after ``duplicate_id``.
+        by default the last ones. Each bad record gets exactly one reason code: ``duplicate_id``,
+        else the first check below that fails.
         """
         from pyspark.sql import functions as F
 
@@ -223,14 +225,16 @@ class COCOProcessor:
         checked = img_first.join(checks, on="id", how="inner")
         dw, dh = F.col("decoded_width"), F.col("decoded_height")
         reason = (
-            F.when(~F.col("file_exists"), "missing_file")
+            F.when(F.col("refused").isNotNull(), "unsafe_file")
+            .when(~F.col("file_exists"), "missing_file")
             .when(F.col("decode_error").isNotNull(), "undecodable")
             .when((dw != F.col("width")) | (dh != F.col("height")), "size_mismatch")
             .when(F.least(dw, dh) < rules.min_image_size, "too_small")
             .when(F.greatest(dw, dh) > rules.max_image_size, "too_large")
         )
         detail = (
-            F.when(~F.col("file_exists"), F.concat(F.lit("no file at "), F.col("path")))
+            F.when(F.col("refused").isNotNull(), F.col("refused"))
+            .when(~F.col("file_exists"), F.concat(F.lit("no file at "), F.col("path")))
             .when(F.col("decode_error").isNotNull(), F.concat(F.col("path"), F.lit(": "), F.col("decode_error")))
             .otherwise(F.format_string("%s: JSON says %dx%d, decoded %dx%d (min %d, max %d)", F.col("path"),
                                        F.col("width"), F.col("height"), dw, dh,
@@ -240,7 +244,8 @@ class COCOProcessor:
         bad_images = _quarantine(checked.filter("_reason IS NOT NULL"), "image", F.col("_reason"), F.col("_detail"))
         dup_images = _quarantine(img_dup, "image", "duplicate_id",
                                  F.format_string("image id %d repeated at images[%d]", F.col("id"), F.col("_pos")))
-        good_images = checked.filter("_reason IS NULL").drop("_reason", "_detail", "file_exists", "decode_error", "_pos")
+        good_images = checked.filter("_reason IS NULL").drop("_reason", "_detail", "file_exists", "decode_error",
+                                                              "refused", "_pos")
         self.valid_images = _with_hash(good_images, "images")
 
         # --- categories

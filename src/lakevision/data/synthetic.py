@@ -27,7 +27,7 @@ CATEGORIES = [
     {"id": 3, "name": "triangle", "supercategory": "polygon"},
 ]
 DEFECT_CODES = REASON_CODES  # one synthetic defect per quarantine reason
-IMAGE_DEFECTS = {"missing_file", "undecodable", "too_small", "too_large", "size_mismatch"}
+IMAGE_DEFECTS = {"missing_file", "undecodable", "too_small", "too_large", "size_mismatch", "unsafe_file"}
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -212,7 +212,10 @@ def _inject(b: _Builder, defects: Mapping[str, int], next_image_id: int, min_siz
                 json_w = w + 17 if code == "size_mismatch" else w
                 if code == "undecodable":
                     data = data[: len(data) // 3]  # a truncated JPEG: the header parses, the pixels do not
-                if code != "missing_file":
+                if code == "unsafe_file":  # a good image, but outside the image folder: ingest must not read it
+                    (b.image_dir.parent / fname).write_bytes(data)
+                    fname = f"../{fname}"
+                elif code != "missing_file":
                     (b.image_dir / fname).write_bytes(data)
                 b.images.append({"id": image_id, "file_name": fname, "width": json_w, "height": h, "license": 1})
                 manifest.setdefault(code, []).append(f"image:{image_id}")
@@ -252,7 +255,8 @@ def generate_dataset(
     min_image_size: int = 100,
     max_image_size: int = 2000,
 ) -> SyntheticDataset:
-    """Write ``out_dir/images/*`` and ``out_dir/annotations/instances.json``.
+    """Write ``out_dir/images/*`` and ``out_dir/annotations/instances.json`` (and, for an
+    ``unsafe_file`` defect, the image its ``../`` file name reaches in ``out_dir``).
 
     The same arguments give byte-identical output. ``metadata_only`` writes the JSON alone (for
     benchmarks at COCO scale); ``first_image_id`` lets a second call make a disjoint batch to add
