@@ -70,7 +70,7 @@ def epoch_line(trainer, epoch: int, metrics: dict[str, float]) -> str:
         parts.append(f"{progress.minutes(elapsed)} elapsed")
         if left is not None:
             parts.append(f"~{progress.minutes(left)} left of the {progress.minutes(elapsed + left)} budget")
-    parts += [f"{k} {metrics[k]:.4g}" for k in sorted(metrics) if k.startswith(("train_loss", "val_"))]
+    parts += [f"{k} {metrics[k]:.4g}" for k in sorted(metrics) if k == "train_loss" or k.startswith("val_")]
     return ", ".join(parts)
 
 
