@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,3 +112,100 @@ def test_uncompressed_rle_becomes_coco_compressed_string(tmp_path):
         expected = mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], h, w))
         assert np.array_equal(mask_utils.decode(ours), expected)
         assert mask_utils.area(ours) == a["area"]
+
+
+# --------------------------------------------------------------------------- hostile values: one record's problem
+@pytest.mark.parametrize(
+    "changes, kind, record_id, detail",
+    [
+        ({"images__0__id": 2**63}, "image", -1, "images[0].id: 9223372036854775808 does not fit in a 64-bit integer"),
+        ({"images__0__width": 2**64}, "image", 1, "images[0].width: 18446744073709551616 does not fit"),
+        ({"images__0__license": -(2**63) - 1}, "image", 1, "images[0].license: -9223372036854775809 does not fit"),
+        ({"annotations__0__id": 2**64}, "annotation", -1, "annotations[0].id: 18446744073709551616 does not fit"),
+        ({"annotations__0__image_id": 2**63}, "annotation", 7, "annotations[0].image_id: 9223372036854775808"),
+        ({"annotations__0__category_id": 10**1000}, "annotation", 7,
+         "annotations[0].category_id: a 3322-bit integer does not fit in a 64-bit integer"),
+        ({"categories__0__id": 2**63}, "category", -1, "categories[0].id: 9223372036854775808 does not fit"),
+    ],
+)
+def test_integer_outside_int64_quarantines_the_record(tmp_path, changes, kind, record_id, detail):
+    doc = _mutate(**changes)
+    doc["images"].append({"id": 2, "file_name": "b.jpg", "width": 20, "height": 10})
+    t = read_coco(_write(tmp_path, doc))
+    [row] = t.rejected.to_pylist()
+    assert (row["record_kind"], row["record_id"], row["reason"]) == (kind, record_id, "invalid_value")
+    assert row["detail"].startswith(detail)
+    section = {"image": t.images, "annotation": t.annotations, "category": t.categories}[kind]
+    assert section.num_rows == {"image": 1, "annotation": 0, "category": 0}[kind]  # the others are kept
+    assert t.images.num_rows + t.annotations.num_rows + t.categories.num_rows == 3
+
+
+@pytest.mark.parametrize("box, expected", [
+    ([2**63, 2, 30, 40], [9.223372036854776e18, 2.0, 30.0, 40.0]),  # a float holds it: out of bounds later
+    ([10**400, 2, 30, 40], None),  # no float holds it: invalid_bbox later
+])
+def test_huge_bbox_integers_are_left_to_the_box_checks(tmp_path, box, expected):
+    t = read_coco(_write(tmp_path, _mutate(annotations__0__bbox=box)))
+    assert t.annotations.column("bbox").to_pylist() == [expected] and t.rejected.num_rows == 0
+
+
+def _crowd(counts, size):
+    return _mutate(annotations__0__iscrowd=1, annotations__0__segmentation={"counts": counts, "size": size})
+
+
+@pytest.mark.parametrize(
+    "counts, size, detail",
+    [
+        ([1, 2], [-1, 3], "segmentation.size: -1x3 is not a mask size"),
+        ([0, 5], [2**40, 2**40], "segmentation.size: 1099511627776x1099511627776 is not a mask size"),
+        ([2**64], [2**64, 1], "segmentation.size: 18446744073709551616x1 is not a mask size"),
+        ([1, 2], [150, 200, 3], "segmentation.size: expected [height, width], got 3 numbers"),
+        ([-5, 30005], [150, 200], "segmentation.counts: a negative run length (-5)"),
+        ([100, 200], [150, 200], "segmentation.counts: the runs cover 300 pixels, the 150x200 mask has 30000"),
+        ("\u00ff\u0001", [150, 200], "segmentation.counts: character 0 ('ÿ') is not in the RLE alphabet"),
+        ("0`", [150, 200], "segmentation.counts: ends inside a run length (character 2)"),
+        ("0ooooooo", [150, 200], "segmentation.counts: a run length longer than 6 characters"),
+        ("02", [150, 200], "segmentation.counts: the runs cover 2 pixels"),
+    ],
+)
+def test_crowd_rle_that_does_not_decode_is_quarantined(tmp_path, counts, size, detail):
+    t = read_coco(_write(tmp_path, _crowd(counts, size)))
+    assert [(r["record_kind"], r["record_id"], r["reason"]) for r in t.rejected.to_pylist()] == [
+        ("annotation", 7, "invalid_segmentation")]
+    assert t.rejected.column("detail")[0].as_py().startswith("annotations[0]." + detail)
+    assert t.annotations.num_rows == 0 and t.images.num_rows == 1
+
+
+def test_crowd_rle_that_decodes_is_kept_either_way(tmp_path):
+    mask = np.eye(150, 200, dtype=np.uint8)
+    runs = [0] + [len(list(run)) for _, run in itertools.groupby(mask.flatten(order="F"))]  # starts with ones
+    for counts in (mask_utils.encode(np.asfortranarray(mask))["counts"].decode(), runs):
+        t = read_coco(_write(tmp_path, _crowd(counts, [150, 200])))
+        seg = t.annotations.column("segmentation")[0].as_py()
+        assert t.rejected.num_rows == 0 and seg["rle_size"] == [150, 200]
+        assert np.array_equal(mask_utils.decode({"counts": seg["rle_counts"].encode(), "size": [150, 200]}),
+                              np.eye(150, 200, dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- files that cannot be parsed
+def test_invalid_utf8_names_the_byte(tmp_path):
+    raw = b'{"images": [{"id": 1, "file_name": "\xff.jpg", "width": 1, "height": 1}], "annotations": [], "categories": []}'
+    p = tmp_path / "instances.json"
+    p.write_bytes(raw)
+    with pytest.raises(CocoFormatError, match=rf"instances.json: byte {raw.index(0xFF)}: not valid UTF-8"):
+        read_coco(p)
+
+
+def test_deep_nesting_names_the_byte_even_with_a_raised_recursion_limit(tmp_path):
+    """A deep ``info`` (or any deep value) is a format error, and a recursion limit raised by another
+    library must not let the decoder overflow the C stack (a crash, so it runs in a child)."""
+    head = '{"images": [], "annotations": [], "categories": [], "info": {"a": '
+    _write(tmp_path, None, head + "[" * 200_000 + "]" * 200_000 + "}}")
+    code = ("import sys; sys.setrecursionlimit(1_000_000)\n"
+            "from lakevision.data.coco_json import CocoFormatError, read_coco\n"
+            "try:\n    read_coco(sys.argv[1])\nexcept CocoFormatError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "instances.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith(f"instances.json: byte {len(head) + 199_999}: nested 200002 levels deep, "
+                                       "too deep to read")

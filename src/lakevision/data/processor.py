@@ -38,8 +38,11 @@ REASON_CODES = (
     "bbox_out_of_bounds",
     "invalid_bbox",
     "duplicate_id",
-    # hostile input: a file_name that leaves the image folder or is no regular file (never opened)
+    # hostile input: a file_name that leaves the image folder or is no regular file (never opened),
+    # a value the tables cannot hold, a crowd RLE that does not decode to its image's size
     "unsafe_file",
+    "invalid_value",
+    "invalid_segmentation",
 )
 QUARANTINE_KEYS = ("record_kind", "record_id", "reason", "source_file")
 # Columns whose change makes a record "changed" on re-ingest (run ids and file paths do not).
@@ -118,6 +121,7 @@ class COCOProcessor:
         self.images: DataFrame | None = None
         self.annotations: DataFrame | None = None
         self.categories: DataFrame | None = None
+        self.rejected: DataFrame | None = None  # records the parser took out (invalid_value, invalid_segmentation)
         self.image_checks: DataFrame | None = None
         self.known_images: DataFrame | None = None
         self.known_categories: DataFrame | None = None
@@ -144,6 +148,7 @@ class COCOProcessor:
         self.images = self._stage("images", self.source.images)
         self.annotations = self._stage("annotations", self.source.annotations)
         self.categories = self._stage("categories", self.source.categories)
+        self.rejected = self._stage("rejected", self.source.rejected)
 
     def _require_loaded(self) -> None:
         if self.source is None:
@@ -206,8 +211,9 @@ class COCOProcessor:
         """Validate every record; return ``{reason_code: ["image:12", "annotation:40", ...]}``.
 
         ``df`` holds image check results (from :meth:`check_images` or :meth:`process_images`);
-        by default the last ones. Each bad record gets exactly one reason code: ``duplicate_id``,
-        else the first check below that fails.
+        by default the last ones. Each bad record gets exactly one reason code: the parser's
+        (``invalid_value``, ``invalid_segmentation`` for an RLE that does not decode), else
+        ``duplicate_id``, else the first check below that fails.
         """
         from pyspark.sql import functions as F
 
@@ -274,17 +280,23 @@ class COCOProcessor:
             | F.isnan(x) | F.isnan(y) | F.isnan(w) | F.isnan(h) | (w <= 0) | (h <= 0)
         )
         out_of_bounds = (x < -tol) | (y < -tol) | (x + w > F.col("_w") + tol) | (y + h > F.col("_h") + tol)
+        rle_size = F.col("segmentation.rle_size")
+        rle_mismatch = rle_size.isNotNull() & ((rle_size[0] != F.col("_h")) | (rle_size[1] != F.col("_w")))
         ann_reason = (
             F.when(F.col("_w").isNull(), "unknown_image")
             .when(F.col("_cat_ok").isNull(), "unknown_category")
             .when(bbox_invalid, "invalid_bbox")
             .when(out_of_bounds, "bbox_out_of_bounds")
+            .when(rle_mismatch, "invalid_segmentation")
         )
         bbox_txt = F.coalesce(F.concat_ws(", ", F.col("bbox").cast("array<string>")), F.lit("null"))
         ann_detail = (
             F.when(F.col("_w").isNull(), F.format_string("image_id %d is not in the images list", F.col("image_id")))
             .when(F.col("_cat_ok").isNull(),
                   F.format_string("category_id %d is not in the categories list", F.col("category_id")))
+            .when(F.col("_reason") == "invalid_segmentation",
+                  F.format_string("segmentation.size [%d, %d] is not the image's [height, width] [%d, %d]",
+                                  rle_size[0], rle_size[1], F.col("_h"), F.col("_w")))
             .otherwise(F.concat(F.lit("bbox ["), bbox_txt,
                                 F.format_string("] on a %dx%d image", F.col("_w"), F.col("_h"))))
         )
@@ -299,8 +311,11 @@ class COCOProcessor:
         )
         self.valid_annotations = _with_hash(good_anns, "annotations")
 
+        rejected = self.rejected.select("record_kind", "record_id", "reason", "detail", "source_file",
+                                        "ingest_run_id", "_pos")
         quarantine = (
-            bad_images.unionByName(dup_images).unionByName(dup_cats).unionByName(bad_anns).unionByName(dup_anns)
+            rejected.unionByName(bad_images).unionByName(dup_images).unionByName(dup_cats).unionByName(bad_anns)
+            .unionByName(dup_anns)
         )
         # A third copy of an id repeats the key of the second: keep one row per key.
         self.quarantine = _with_hash(quarantine.dropDuplicates(list(QUARANTINE_KEYS)).drop("_pos"), "quarantine")

@@ -198,7 +198,7 @@ def _inject(b: _Builder, defects: Mapping[str, int], next_image_id: int, min_siz
         raise ValueError("image defects need image files (metadata_only=False)")
     manifest: dict[str, list[str]] = {}
     good_image = b.images[0]
-    gw = good_image["width"]
+    gw, gh = good_image["width"], good_image["height"]
     image_id = next_image_id
     mid = max(min_size + 20, 128)
 
@@ -233,6 +233,9 @@ def _inject(b: _Builder, defects: Mapping[str, int], next_image_id: int, min_siz
                 "unknown_category": {"category_id": 99},
                 "bbox_out_of_bounds": {"bbox": [gw - 10.0, 5.0, 40.0, 20.0]},
                 "invalid_bbox": {"bbox": [5.0, 5.0, 0.0, 12.0]},
+                "invalid_value": {"category_id": 2**63},  # valid JSON, but no int64 holds it
+                # a crowd region that decodes, to a mask one row taller than its image
+                "invalid_segmentation": {"iscrowd": 1, "segmentation": {"counts": [(gh + 1) * gw], "size": [gh + 1, gw]}},
             }[code]
             ann = b.add_annotation(good_image["id"], 1, square, **override)
             manifest.setdefault(code, []).append(f"annotation:{ann['id']}")
