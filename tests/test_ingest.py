@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import struct
 import zlib
 
 import pytest
 from deltalake import DeltaTable
+from PIL import Image
 
 from lakevision import delta
 from lakevision.data.coco_json import CocoFormatError
@@ -140,6 +144,14 @@ def test_malformed_file_writes_nothing(runtime, dataset, tmp_path):
                    '"annotations": [], "categories": []}')
     with pytest.raises(CocoFormatError, match=r"bad.json: images\[0\].id: Expected `int`, got `str`"):
         run_ingest(runtime, str(bad), str(dataset.image_dir))
+    head = b'{"images": [], "annotations": [], "categories": [], "info": '
+    for raw, expected in [  # a file that cannot be parsed names the byte
+        (head + b'{"a": "\xff"}}', rf"bad.json: byte {len(head) + 7}: not valid UTF-8"),
+        (head + b"[" * 50_000 + b"]" * 50_000 + b"}", rf"bad.json: byte {len(head) + 49_999}: nested 50001 levels deep"),
+    ]:
+        bad.write_bytes(raw)
+        with pytest.raises(CocoFormatError, match=expected):
+            run_ingest(runtime, str(bad), str(dataset.image_dir))
     for name, t in before.tables.items():
         assert delta.table_version(runtime.spark, runtime.table(name)) == t["version"]
         assert _rows(runtime, name) == t["rows"]
@@ -196,3 +208,81 @@ def test_category_counts_and_data_sufficiency(runtime, tmp_path):
     assert [w.split(":")[0] for w in result.insufficient] == short
     assert all(f"fewer than min_samples_per_category ({minimum})" in w for w in result.insufficient)
     assert result.to_json()["category_counts"] == expected
+
+
+def _exif_orientation_long(value: int) -> bytes:
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 4, 1, value) + struct.pack("<I", 0)
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_hostile_records_are_quarantined_and_nothing_outside_is_read(runtime, tmp_path):
+    ds = generate_dataset(tmp_path / "d", num_images=6, seed=5)
+    folder = ds.image_dir
+    secret = tmp_path / "secret.jpg"  # a good image outside the image folder: no name may reach it
+    Image.new("RGB", (200, 200), (250, 0, 0)).save(secret)
+    (folder / "link.jpg").symlink_to(secret)
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(folder / "pipe.jpg")
+    Image.new("RGB", (200, 200)).save(folder / "exif.jpg", exif=_exif_orientation_long(0xFFFFFFFF))
+    Image.new("L", (12000, 12000)).save(folder / "huge.png")  # 140 KB
+    doc = json.loads(ds.annotation_file.read_text())
+    img = doc["images"][0]
+    h, w = img["height"], img["width"]
+
+    def image(image_id, name, width=200, height=200):
+        doc["images"].append({"id": image_id, "file_name": name, "width": width, "height": height})
+
+    for image_id, name in [(901, "../../secret.jpg"), (902, str(secret)), (903, "link.jpg"), (904, "pipe.jpg"),
+                           (905, "zero.jpg"), (906, "exif.jpg")]:
+        image(image_id, name)
+    image(907, "huge.png", 12000, 12000)
+    image(2**64, "x.jpg")
+    image(908, "x.jpg", width=2**63)
+
+    def ann(ann_id, **kw):
+        doc["annotations"].append({"id": ann_id, "image_id": img["id"], "category_id": 1, "bbox": [1, 1, 5, 5],
+                                   "iscrowd": 0, **kw})
+
+    def crowd(counts, size):
+        return {"iscrowd": 1, "segmentation": {"counts": counts, "size": size}}
+
+    ann(2**64)
+    ann(801, category_id=2**63)
+    ann(802, bbox=[2**63, 1, 5, 5])
+    ann(803, bbox=[10**400, 1, 5, 5])
+    ann(804, **crowd([1, 2], [-1, 3]))
+    ann(805, **crowd([-5, 2], [h, w]))
+    ann(806, **crowd([0, 5], [2**40, 2**40]))
+    ann(807, **crowd([(h + 1) * w], [h + 1, w]))  # decodes, but not to its image's size
+    ann(808, **crowd([h * w - 10, 10], [h, w]))  # good
+    ds.annotation_file.write_text(json.dumps(doc))
+
+    result = _ingest(runtime, ds)  # one run, no traceback: each record is its own problem
+    q = delta.read_table(runtime.spark, runtime.table("quarantine")).toPandas()
+    got = {(r.record_kind, r.record_id): r.reason for r in q.itertuples()}
+    assert got == {
+        **{("image", i): "unsafe_file" for i in (901, 902, 903, 904, 905)},
+        ("image", 906): "undecodable", ("image", 907): "too_large",
+        ("image", -(len(doc["images"]) - 1)): "invalid_value",  # its own id does not fit: keyed by -(index + 1)
+        ("image", 908): "invalid_value",
+        ("annotation", -(len(doc["annotations"]) - 8)): "invalid_value",
+        ("annotation", 801): "invalid_value",
+        ("annotation", 802): "bbox_out_of_bounds", ("annotation", 803): "invalid_bbox",
+        **{("annotation", i): "invalid_segmentation" for i in (804, 805, 806, 807)},
+    }
+    details = dict(zip(zip(q.record_kind, q.record_id), q.detail))
+    assert "EXIF Orientation 4294967295" in details[("image", 906)]
+    assert "18446744073709551616 does not fit in a 64-bit integer" in details[("image", -(len(doc["images"]) - 1))]
+    assert details[("annotation", 801)].startswith("annotations[")
+    assert ".category_id: 9223372036854775808" in details[("annotation", 801)]
+    assert details[("annotation", 807)] == f"segmentation.size [{h + 1}, {w}] is not the image's [height, width] [{h}, {w}]"
+    images = delta.read_table(runtime.spark, runtime.table("images")).toPandas()
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() not in set(images["sha256"])
+    assert set(images["id"]) == {i["id"] for i in doc["images"][:6]}
+    anns = delta.read_table(runtime.spark, runtime.table("annotations")).toPandas()
+    assert 808 in set(anns["id"]) and result.tables["annotations"]["rows"] == len(anns)
+
+    again = _ingest(runtime, ds)  # the quarantine keys are stable: a re-run writes nothing
+    assert all(n == 0 for n in again.written.values()), again.written
+    assert again.tables == result.tables
