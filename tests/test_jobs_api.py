@@ -44,12 +44,14 @@ def _kill_runs(root: Path) -> None:
 @pytest.fixture
 def jobs_workspace(tmp_path):
     """``make(tasks, parameters, **job)``: a mini bundle, a local workspace in this process serving
-    its job, and an SDK client on it. The workspace stops and every run it started is killed at
-    the end of the test, passed or not."""
+    its job, and an SDK client on it (the one before it stops: one workspace owns a root). The
+    workspace stops and every run it started is killed at the end of the test, passed or not."""
     started: list[LocalWorkspace] = []
     root = tmp_path / "root"
 
     def make(tasks: list[dict], parameters: list[dict] | None = None, bundle: bool = True, **job):
+        for ws in started:
+            ws.stop()
         bundle_dir = mini_bundle(tmp_path, tasks, parameters, **job) if bundle else None
         ws = LocalWorkspace(root, TOKEN, bundle_dir=bundle_dir)
         started.append(ws)

@@ -8,6 +8,7 @@ import logging
 import concurrent.futures
 import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -40,9 +41,12 @@ from mlflow.types import ColSpec, Schema
 from lakevision.cli import main as cli_main
 from lakevision.serving.client import LOCAL_NO_HOST_METADATA, workspace_client
 from lakevision.serving.endpoint_metrics import parse_endpoint_metrics
+from lakevision.local.workspace import records
+from lakevision.local.workspace.api import LocalWorkspaceError
 from lakevision.local.workspace.endpoints import LocalWorkspace
 from lakevision.local.workspace.serving import routing_random
 from lakevision.local.workspace.process import TOKEN_ENV, local_workspace_process
+from lakevision.processes import command_line
 from lakevision.tracking import local_tracking_uri
 
 # MLflow's advice to log an input example: these test models need none
@@ -520,3 +524,83 @@ def test_the_sdk_does_not_warn_about_the_local_workspaces_missing_host_metadata(
     about_metadata = [r for r in caplog.records if LOCAL_NO_HOST_METADATA in r.getMessage()]
     assert [r.levelno for r in about_metadata if r.levelno >= logging.WARNING] == []
     assert any(r.name == "lakevision.serving.client" for r in about_metadata)  # kept, as debug detail
+
+
+def test_a_root_has_one_workspace_at_a_time(registry, tmp_path):
+    """A second workspace on a root would keep its own endpoints in memory and write over the
+    first one's records: it is refused, naming the root and the process that holds it."""
+    uri = local_tracking_uri(registry)
+    root = tmp_path.resolve()
+    first = LocalWorkspace(root, TOKEN, tracking_uri=uri)
+    try:
+        with pytest.raises(LocalWorkspaceError, match=rf"root {re.escape(str(root))} is in use by another "
+                                                      rf"workspace \(process {os.getpid()};"):
+            LocalWorkspace(root, TOKEN, tracking_uri=uri)
+    finally:
+        first.stop()
+    LocalWorkspace(root, TOKEN, tracking_uri=uri).stop()  # free again once the first has stopped
+    with local_workspace_process(root):
+        holder = int((root / "workspace" / "lock").read_text())
+        assert "workspace" in command_line(holder)
+        with pytest.raises(LocalWorkspaceError, match=rf"in use by another workspace \(process {holder};"):
+            LocalWorkspace(root, TOKEN, tracking_uri=uri)
+
+
+def test_a_bad_record_is_moved_aside_and_the_rest_load(registry, tmp_path, caplog, monkeypatch):
+    uri = local_tracking_uri(registry)
+    synced = []
+    real_fsync = records.os.fsync
+    monkeypatch.setattr(records.os, "fsync", lambda fd: synced.append(os.fstat(fd).st_mode) or real_fsync(fd))
+    with LocalWorkspace(tmp_path, TOKEN, tracking_uri=uri) as ws:
+        # a version that does not exist: its record says UPDATE_FAILED, with nothing to reload
+        w = workspace_client(ws.url, TOKEN, retry_timeout_seconds=5)
+        with pytest.raises(OperationFailed):
+            w.serving_endpoints.create_and_wait("good", config=config("good", entity("99")))
+    # each record write synced the file and then its folder
+    assert synced and any(stat.S_ISDIR(m) for m in synced) and any(stat.S_ISREG(m) for m in synced)
+    folder = tmp_path / "workspace" / "endpoints"
+    (folder / "truncated.json").write_text('{"name": "truncated", "id": "1", "state": {"ready": "REA')
+    (folder / "foreign.json").write_text('["not", "an", "endpoint"]')
+    (folder / "misnamed.json").write_text((folder / "good.json").read_text())  # says it is "good"
+    (folder / ".good.x1y2.tmp").write_text('{"name": "go')  # a write a crash interrupted
+    with caplog.at_level(logging.WARNING), LocalWorkspace(tmp_path, TOKEN, tracking_uri=uri) as ws:
+        assert [e["name"] for e in ws.list_endpoints()] == ["good"]
+        assert ws.detail("good")["state"]["config_update"] == "UPDATE_FAILED"
+    for name in ("truncated", "foreign", "misnamed"):
+        assert not (folder / f"{name}.json").exists()
+        (aside,) = folder.glob(f"{name}.json.corrupt-*")
+        assert any(f"{name}.json cannot be read" in r.getMessage() and aside.name in r.getMessage()
+                   for r in caplog.records)
+    assert sorted(p.name for p in folder.iterdir() if ".corrupt-" not in p.name) == ["good.json"]
+
+
+def test_a_change_that_cannot_be_saved_changes_nothing(workspace, w, monkeypatch):
+    """Every change is saved before it is made: a full disk fails the call and leaves the endpoint
+    as it was, never IN_PROGRESS with no load running, so the next update goes through."""
+    w.serving_endpoints.create_and_wait("durable", config=config("durable", entity(V1)))
+    save = workspace._save
+
+    def disk_full(record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(workspace, "_save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        workspace.update_config("durable", {"served_entities": [{"entity_name": MODEL, "entity_version": V2}]})
+    now = workspace.detail("durable")
+    assert now["state"] == {"ready": "READY", "config_update": "NOT_UPDATING"} and "pending_config" not in now
+
+    # the update's record is saved, but not the end of its load: the update fails, v1 keeps serving
+    monkeypatch.setattr(workspace, "_save", lambda r: save(r) if r["state"]["config_update"] == "IN_PROGRESS"
+                        else disk_full(r))
+    with pytest.raises(OperationFailed, match="UPDATE_FAILED"):
+        w.serving_endpoints.update_config_and_wait("durable", served_entities=[entity(V2)])
+    failed = workspace.detail("durable")
+    assert failed["state"]["config_update"] == "UPDATE_FAILED" and "No space left" in failed["state"][
+        "config_update_message"]
+    assert served_version(w, "durable") == (name_of(V1), 1)
+
+    monkeypatch.setattr(workspace, "_save", save)
+    assert w.serving_endpoints.update_config_and_wait("durable", served_entities=[entity(V2)]
+                                                      ).config.config_version == 2
+    assert served_version(w, "durable") == (name_of(V2), 2)
+    w.serving_endpoints.delete("durable")

@@ -69,6 +69,11 @@ class LocalLayout:
         """The local workspace's serving endpoints, one JSON record each."""
         return (self.root / "workspace" / "endpoints").resolve()
 
+    @property
+    def workspace_lock(self) -> Path:
+        """The lock one local workspace process holds on the root while it owns the endpoint records."""
+        return (self.root / "workspace" / "lock").resolve()
+
 
 @dataclass(frozen=True)
 class TableRef:

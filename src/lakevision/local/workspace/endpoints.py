@@ -29,13 +29,12 @@ persistence; the REST shapes are in :mod:`.api`, the HTTP app in :mod:`.app`, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
-import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -52,6 +51,7 @@ from lakevision.local.workspace.api import (CREATOR, IN_PROGRESS, NOT_READY, NOT
                                             parse_tags, read_body, summary)
 from lakevision.local.workspace.app import build_app
 from lakevision.local.workspace.jobs import LocalJobs
+from lakevision.local.workspace.records import RootLock, read_records, write_record
 from lakevision.local.workspace.serving import Endpoint, LoadedModel, ModelCache, Serving, load_model, scoring_error
 from lakevision.serving.endpoint_metrics import RequestStats, RequestWindow, render_endpoint_metrics
 from lakevision.serving.inference_log import (MAX_REQUEST_BYTES, InferenceLogger, inference_row, payload_table_name,
@@ -95,7 +95,13 @@ class LocalWorkspace:
         # the Jobs API over bundle_dir's jobs for target (none without a bundle); its runs outlive stop()
         self.jobs = LocalJobs(self.root, bundle_dir, target)
         self._app = build_app(self, self._token)
-        self._restore()
+        # one workspace process owns a root's endpoint records: a second one would write over them
+        self._root_lock = RootLock(self.root, LocalLayout(self.root).workspace_lock)
+        try:
+            self._restore()
+        except BaseException:
+            self._root_lock.release()
+            raise
 
     @property
     def app(self) -> FastAPI:
@@ -148,6 +154,7 @@ class LocalWorkspace:
         for logger in loggers:  # after the server: every answered request is queued by now
             logger.close()
         self._models.shutdown()
+        self._root_lock.release()
 
     def __enter__(self) -> LocalWorkspace:
         if self._server is None:
@@ -163,24 +170,15 @@ class LocalWorkspace:
         return self._records_dir / f"{name}.json"
 
     def _save(self, record: Mapping[str, Any]) -> None:
-        """Write one endpoint's record atomically: a crash leaves the old file or the new one."""
-        fd, tmp = tempfile.mkstemp(dir=self._records_dir, prefix=f".{record['name']}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True)
-            os.replace(tmp, self._record_path(record["name"]))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write one endpoint's record durably (fsync, rename, fsync the folder). Every change is
+        saved before it is made in memory, so a save that fails changes nothing."""
+        write_record(self._records_dir, record)
 
     def _restore(self) -> None:
         """Endpoints of an earlier run: configs that served reload in the background; a config
-        that was still loading is dropped, since its load died with the old process."""
-        for path in sorted(self._records_dir.glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise LocalWorkspaceError(f"endpoint record {path} cannot be read: {exc}") from None
+        that was still loading is dropped, since its load died with the old process. A record that
+        cannot be read is moved aside with a warning (see :mod:`.records`)."""
+        for record in read_records(self._records_dir):
             state = record["state"]
             pending = record.get("pending_config")
             if pending is not None and state["config_update"] == IN_PROGRESS:
@@ -194,8 +192,8 @@ class LocalWorkspace:
                 for entity in config["served_entities"]:
                     entity["state"] = entity_state("DEPLOYMENT_RECOVERING",
                                                     f"reloading {model_uri(entity)} after a restart")
-            self._endpoints[record["name"]] = Endpoint(record)
             self._save(record)
+            self._endpoints[record["name"]] = Endpoint(record)
             if config is not None:
                 self._start_loading(record, "config")
 
@@ -232,8 +230,8 @@ class LocalWorkspace:
         with self._lock:
             if name in self._endpoints:
                 raise ApiError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint {name!r} already exists")
-            self._endpoints[name] = Endpoint(record)
             self._save(record)
+            self._endpoints[name] = Endpoint(record)
             self._start_loading(record, "pending_config")
             return detailed(record)
 
@@ -242,7 +240,7 @@ class LocalWorkspace:
         now = now_ms()
         with self._lock:
             endpoint = self._get(name)
-            record = endpoint.record
+            record = copy.deepcopy(endpoint.record)  # changed in memory once it is saved
             if record["state"]["config_update"] == IN_PROGRESS:
                 raise ApiError(409, "RESOURCE_CONFLICT",
                                f"serving endpoint {name!r} is already updating to config version "
@@ -254,16 +252,17 @@ class LocalWorkspace:
             record["state"] = {"ready": READY if endpoint.serving else NOT_READY, "config_update": IN_PROGRESS}
             record["last_updated_timestamp"] = now
             self._save(record)
+            endpoint.record = record
             self._start_loading(record, "pending_config")
             return detailed(record)
 
     def put_ai_gateway(self, name: str, body: dict) -> dict:
         gateway = parse_ai_gateway(name, body)
         with self._lock:
-            record = self._get(name).record
-            record["ai_gateway"] = gateway
-            record["last_updated_timestamp"] = now_ms()
+            endpoint = self._get(name)
+            record = {**endpoint.record, "ai_gateway": gateway, "last_updated_timestamp": now_ms()}
             self._save(record)
+            endpoint.record = record
         return gateway
 
     def wait_restored(self, timeout: float = 120) -> None:
@@ -301,8 +300,8 @@ class LocalWorkspace:
     def delete(self, name: str) -> None:
         with self._lock:
             self._get(name)
-            del self._endpoints[name]
             self._record_path(name).unlink(missing_ok=True)
+            del self._endpoints[name]
             self._models.retain(self._model_keys())
         self._window.forget(name)
 
@@ -349,13 +348,36 @@ class LocalWorkspace:
             endpoint = self._still_current(name, endpoint_id, which, version)
             if endpoint is None:
                 return
+            record = copy.deepcopy(endpoint.record)  # what the endpoint becomes, once saved
             if which == "pending_config":
-                self._finish_update(endpoint, loaded, errors)
+                serving = self._finish_update(record, endpoint.serving, loaded, errors)
             else:
-                self._finish_recovery(endpoint, loaded, errors)
-            endpoint.record["last_updated_timestamp"] = now_ms()
-            self._save(endpoint.record)
+                serving = self._finish_recovery(record, loaded, errors)
+            record["last_updated_timestamp"] = now_ms()
+            try:
+                self._save(record)
+            except OSError as exc:
+                log.error("endpoint %s: saving its record failed: %s", name, exc)
+                if which == "pending_config":
+                    record, serving = self._update_unsaved(endpoint, exc), None
+                # a reload after a restart is kept: the record on disk already holds its config
+            endpoint.record = record
+            if serving is not None:
+                endpoint.serving = serving
             self._models.retain(self._model_keys())
+
+    def _update_unsaved(self, endpoint: Endpoint, exc: OSError) -> dict:
+        """The record of an endpoint whose finished update could not be saved: the update failed,
+        and the old config keeps serving (as after a restart, which would find it interrupted), so
+        the endpoint never stays IN_PROGRESS."""
+        record = copy.deepcopy(endpoint.record)
+        failed = {e["name"]: f"saving the endpoint record failed: {exc}"
+                  for e in record["pending_config"]["served_entities"]}
+        self._finish_update(record, endpoint.serving, {}, failed)
+        record["last_updated_timestamp"] = now_ms()
+        with contextlib.suppress(OSError):
+            self._save(record)
+        return record
 
     @staticmethod
     def _mark_entities(config: dict, errors: Mapping[str, str]) -> None:
@@ -364,39 +386,41 @@ class LocalWorkspace:
             entity["state"] = (entity_state("DEPLOYMENT_FAILED", failed) if failed
                                else entity_state("DEPLOYMENT_READY", f"serving {model_uri(entity)}"))
 
-    def _finish_update(self, endpoint: Endpoint, loaded: Mapping[str, LoadedModel],
-                       errors: Mapping[str, str]) -> None:
-        record = endpoint.record
+    def _finish_update(self, record: dict, serving: Serving | None, loaded: Mapping[str, LoadedModel],
+                       errors: Mapping[str, str]) -> Serving | None:
+        """Turn ``record``'s pending config into its config, or into a failed update; the new
+        serving when it loaded (None: ``serving``, the one now, stays)."""
         pending = record["pending_config"]
         self._mark_entities(pending, errors)
         version = pending["config_version"]
         if not errors:
             config = {k: v for k, v in pending.items() if k != "start_time"}
-            endpoint.serving = Serving.of(record["name"], config, loaded, self._seed)
             record["config"] = config
             del record["pending_config"]
             record["state"] = {"ready": READY, "config_update": NOT_UPDATING}
             log.info("endpoint %s serves config version %d", record["name"], version)
-            return
+            return Serving.of(record["name"], config, loaded, self._seed)
         message = f"config version {version} failed: " + "; ".join(f"{n}: {m}" for n, m in errors.items())
         if "config" in record:
             # an update: the old config keeps serving; the failed one is dropped, its reasons kept in the message
             message += f"; config version {record['config']['config_version']} keeps serving"
             del record["pending_config"]
-        record["state"] = {"ready": READY if endpoint.serving else NOT_READY, "config_update": UPDATE_FAILED,
+        record["state"] = {"ready": READY if serving else NOT_READY, "config_update": UPDATE_FAILED,
                            "config_update_message": message}
         log.warning("endpoint %s: %s", record["name"], message)
+        return None
 
-    def _finish_recovery(self, endpoint: Endpoint, loaded: Mapping[str, LoadedModel],
-                         errors: Mapping[str, str]) -> None:
-        config = endpoint.record["config"]
+    def _finish_recovery(self, record: dict, loaded: Mapping[str, LoadedModel],
+                         errors: Mapping[str, str]) -> Serving | None:
+        """Mark ``record``'s reloaded config; its serving when every entity loaded."""
+        config = record["config"]
         self._mark_entities(config, errors)
         if not errors:
-            endpoint.serving = Serving.of(endpoint.record["name"], config, loaded, self._seed)
-            endpoint.record["state"]["ready"] = READY
-        else:
-            log.warning("endpoint %s cannot reload config version %d: %s", endpoint.record["name"],
-                        config["config_version"], "; ".join(errors.values()))
+            record["state"]["ready"] = READY
+            return Serving.of(record["name"], config, loaded, self._seed)
+        log.warning("endpoint %s cannot reload config version %d: %s", record["name"],
+                    config["config_version"], "; ".join(errors.values()))
+        return None
 
     # -- data plane
 
