@@ -56,6 +56,8 @@ def _report(run: JobRun, root: Path, sample: dict | None) -> list[str]:
         best = "n/a" if train.get("best_value") is None else f"{train['best_value']:.3f}"
         lines.append(f"MLflow run {train['run_id']}: {train['model_uri']} (best {train['best_metric']} "
                      f"{best}, data version {train['data_version']})")
+        if train.get("seconds"):
+            lines.append("train: " + ", ".join(f"{k} {v:.0f} s" for k, v in train["seconds"].items()))
     metrics = (values.get("evaluate") or {}).get("metrics") or {}
     if metrics:
         shown = {k: v for k, v in metrics.items() if k in ("map", "map_50", "map_75", "accuracy", "miou")}

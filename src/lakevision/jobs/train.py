@@ -17,7 +17,7 @@ class TrainStepResult(WrappedResult):
     def task_values(self) -> dict[str, Any]:
         r = self.result
         return {"run_id": r.run_id, "model_uri": r.model_uri, "task": r.task, "data_version": r.data_version,
-                "best_metric": r.best_metric["name"], "best_value": r.best_metric["value"]}
+                "best_metric": r.best_metric["name"], "best_value": r.best_metric["value"], "seconds": r.seconds}
 
     def summary(self) -> list[str]:
         r = self.result

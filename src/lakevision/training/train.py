@@ -9,6 +9,7 @@ monitor compares traffic with to MLflow.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class TrainingResult:
     cluster: str  # where Ray ran: local or ray_on_spark
     exports: dict[str, bool]  # export format -> passed its parity check
     report: dict[str, Any]  # convergence epoch, overfitting warning
+    seconds: dict[str, float]  # wall time of each stage of the run (fit is Ray's start and fit() together)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +64,7 @@ class TrainingResult:
 
 def run_training(rt: Runtime, task: str | None = None, data_version: int | None = None,
                  log_to_driver: bool = True) -> TrainingResult:
+    clock = Stopwatch()
     settings = rt.config.training
     task = task or settings.task
     settings = settings.model_copy(update={"task": task})
@@ -93,15 +96,22 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
             tracker.log_dataset(split.table, split.version, name, [{"image_id": a["image_id"]} for a in split.annotations])
         trainer = RayTrainer(module, num_workers=dist.num_workers, use_gpu=use_gpu,
                              resources_per_worker=dict(dist.resources_per_worker) or None, settings=settings)
+        clock.lap("setup")
         result = trainer.train({"train": train, "val": val, "storage_path": str(rt.checkpoint_dir),
                                 "name": f"{task}-{tracker.run_id}", "tracking_uri": tracker.tracking_uri,
                                 "run_id": tracker.run_id, "log_to_driver": log_to_driver})
         state = torch.load(result["checkpoint_path"], map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
+        clock.lap("fit")
         spec = serving_spec(rt, task, arch, semantic, train)
-        info, exports = _log_packaged_model(rt, module.model.eval(), spec, train, val)
+        info = log_image_model(module.model.eval(), spec, Path(val.image_paths[0]).read_bytes())
+        clock.lap("model")
+        samples = [load_rgb(p) for p in val.image_paths[:_EXPORT_SAMPLES]]
+        exports = log_exports(module.model, spec, samples, list(rt.config.deployment.serving.exports))
+        clock.lap("exports")
         tracker.log_dict(reference_profile(ImageModel(module.model, spec), train).to_dict(),
                          REFERENCE_PROFILE_ARTIFACT)
+        clock.lap("reference_profile")
         best = result["best_metric"]
         if best["value"] is not None:
             tracker.log_metrics({BEST_PREFIX + best["name"]: best["value"]})
@@ -114,11 +124,26 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
         tracker.set_tags({MODEL_URI_TAG: info.model_uri, TASK_TAG: task,
                           CONVERGENCE_TAG: str(summary["convergence_epoch"]),
                           OVERFITTING_TAG: str(summary["overfitting"]).lower()})
+        clock.lap("report")
     return TrainingResult(
         run_id=tracker.run_id, model_uri=info.model_uri, task=task, kind=kind.name, architecture=arch,
         metrics={k: v[-1] for k, v in result["metrics_history"].items() if v}, best_metric=best,
         data_version=train.version, data_table=train.table, checkpoint_path=result["checkpoint_path"],
-        cluster=result["cluster"], exports={c.format: c.passed for c in exports}, report=summary)
+        cluster=result["cluster"], exports={c.format: c.passed for c in exports}, report=summary,
+        seconds=clock.seconds)
+
+
+class Stopwatch:
+    """Wall seconds per named stage, each from the end of the one before."""
+
+    def __init__(self):
+        self._last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage] = round(now - self._last, 1)
+        self._last = now
 
 
 def reference_profile(model: ImageModel, records: SplitRecords, max_images: int = _REFERENCE_IMAGES) -> ImageProfile:
@@ -139,13 +164,3 @@ def serving_spec(rt: Runtime, task: str, arch: str, semantic: bool, train: Split
                        score_threshold=serving.score_threshold, mask_threshold=serving.mask_threshold,
                        max_image_pixels=serving.max_image_pixels, max_batch_size=serving.max_batch_size,
                        architecture=arch, feature_output=serving.feature_output)
-
-
-def _log_packaged_model(rt: Runtime, model: torch.nn.Module, spec: ServingSpec, train: SplitRecords,
-                        val: SplitRecords):
-    """The serving pyfunc (with a real validation image as its input example) and the checked
-    TorchScript/ONNX exports, into the active run."""
-    serving = rt.config.deployment.serving
-    info = log_image_model(model, spec, Path(val.image_paths[0]).read_bytes())
-    samples = [load_rgb(p) for p in val.image_paths[:_EXPORT_SAMPLES]]
-    return info, log_exports(model, spec, samples, list(serving.exports))
