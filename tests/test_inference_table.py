@@ -5,6 +5,7 @@ request when the table cannot be written; endpoint metrics are computed from tha
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import time
 
@@ -18,7 +19,9 @@ from lakevision.monitoring.endpoint_stats import MONITORING_TABLE, endpoint_stat
 from lakevision.serving.client import workspace_client
 from lakevision.serving.inference_log import (MAX_PAYLOAD_BYTES, MAX_REQUEST_BYTES, PAYLOAD_TOO_LARGE, InferenceLogger,
                                              inference_row, split_client_request_id)
+from lakevision.local.workspace import endpoints
 from lakevision.local.workspace.endpoints import LocalWorkspace
+from lakevision.serving.endpoint_metrics import parse_endpoint_metrics, parse_rows_dropped
 from lakevision.tracking import local_tracking_uri
 
 from .test_workspace import RECORDS, TOKEN, V1, V2, entity, name_of, registry, split  # noqa: F401
@@ -126,16 +129,52 @@ def test_endpoint_stats_from_the_table(logged, spark, config):
     assert len(table) == 2 * len(stats) and set(table["endpoint_name"]) == {"ep"}
 
 
-def test_a_table_that_cannot_be_written_fails_no_request(registry, tmp_path):  # noqa: F811
+def test_a_table_that_cannot_be_written_fails_no_request(registry, tmp_path, monkeypatch):  # noqa: F811
+    """Its rows wait for a retry, up to the logger's bounds (here 2 rows); the rows dropped beyond
+    them are counted in the endpoint's metrics."""
     blocker = tmp_path / "tables" / "lakevision"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("a file where the schema folder should be")
+    monkeypatch.setattr(endpoints, "InferenceLogger", functools.partial(InferenceLogger, max_queued=2))
     with LocalWorkspace(tmp_path, TOKEN, tracking_uri=local_tracking_uri(registry)) as ws:
         w = workspace_client(ws.url, TOKEN, retry_timeout_seconds=5)
         w.serving_endpoints.create_and_wait("ep", config=endpoint_config("ep", entity(V1)))
+        assert parse_rows_dropped(w.serving_endpoints.export_metrics("ep").contents.read().decode()) is None
         w.serving_endpoints.put_ai_gateway("ep", inference_table_config=_table())
         answers = [w.serving_endpoints.query("ep", dataframe_records=RECORDS).served_model_name for _ in range(5)]
+        text = w.serving_endpoints.export_metrics("ep").contents.read().decode()
     assert answers == [name_of(V1)] * 5
+    assert 'inference_rows_dropped_total{endpoint_name="ep"} 3.0' in text and parse_rows_dropped(text) == 3
+    assert parse_endpoint_metrics(text)[name_of(V1)]["requests"] == 5  # the per-entity metrics read as before
+
+
+def test_rows_held_for_a_table_that_cannot_be_written_are_bounded_in_rows_and_bytes(tmp_path):
+    """Rows wait for a retry while the table cannot be written, but no more than the bounds allow:
+    3,700 requests with room for 1,000 hold 1,000 and drop 2,700, and the first row written once
+    the table can be says so."""
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the table's folder should be")
+    logger = InferenceLogger(blocker / "t_payload", flush_seconds=60, max_queued=1000)
+    big = InferenceLogger(blocker / "big_payload", flush_seconds=60, max_queued_bytes=3 * 1024 * 1024)
+    try:
+        for i in range(3700):
+            logger.log(inference_row("m-1", 200, 1.0, b'{"dataframe_records": []}', b"{}", "r"))
+            if i % 1000 == 0:
+                assert logger.flush() == 0  # a failed write keeps its rows, for the next flush
+        assert logger.held[0] == 1000 and logger.dropped_total == 2700
+        payload = b"x" * (MAX_PAYLOAD_BYTES - 100)  # kept in the row: under the 1 MiB payload limit
+        for _ in range(5):
+            big.log(inference_row("m-1", 200, 1.0, payload, b"{}", "r"))
+        assert big.flush() == 0
+        rows, held_bytes = big.held
+        assert rows == 2 and 2 * len(payload) < held_bytes <= 3 * 1024 * 1024 and big.dropped_total == 3
+        blocker.unlink()
+        assert logger.flush() == 1000 and logger.held == (0, 0)
+    finally:
+        logger.close()
+        big.close()
+    codes = DeltaTable(str(blocker / "t_payload")).to_pandas()["logging_error_codes"]
+    assert sum(list(c) == ["ROWS_DROPPED:2700"] for c in codes) == 1
 
 
 def test_bad_gateway_config_is_400_naming_the_field(registry, tmp_path):  # noqa: F811

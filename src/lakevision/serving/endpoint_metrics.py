@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
@@ -29,6 +29,9 @@ ERRORS_4XX = "request_4xx_count_total"
 ERRORS_5XX = "request_5xx_count_total"
 LATENCY = "request_latency_ms"
 LABELS = ("endpoint_name", "served_entity_name")
+# endpoint-wide, since the server started: inference table rows dropped because too many waited to
+# be written (a local workspace extension; Databricks' export has no such sample)
+ROWS_DROPPED = "inference_rows_dropped"
 
 # A geometric ladder from 1 ms to 65.5 s, four buckets per doubling: interpolating inside a bucket
 # is then off by at most 19 %, at any latency a served model can have.
@@ -104,9 +107,10 @@ class RequestWindow:
 
 
 class _EndpointCollector(Collector):
-    def __init__(self, endpoint: str, totals: Mapping[str, RequestStats]):
+    def __init__(self, endpoint: str, totals: Mapping[str, RequestStats], rows_dropped: int | None):
         self._endpoint = endpoint
         self._totals = totals
+        self._rows_dropped = rows_dropped
 
     def collect(self) -> Iterator[Metric]:
         window = f"in the last {WINDOW_S} s"
@@ -126,16 +130,32 @@ class _EndpointCollector(Collector):
             latency.add_metric(labels, list(zip(bounds, cumulative)), stats.latency_sum_ms)
         yield from counts.values()
         yield latency
+        if self._rows_dropped is not None:
+            dropped = CounterMetricFamily(ROWS_DROPPED, "inference table rows dropped since the server started, "
+                                                        "because too many were waiting to be written",
+                                          labels=["endpoint_name"])
+            dropped.add_metric([self._endpoint], self._rows_dropped)
+            yield dropped
 
 
-def render_endpoint_metrics(endpoint: str, totals: Mapping[str, RequestStats]) -> bytes:
-    """The Prometheus text exposition of one endpoint's served entities."""
+def render_endpoint_metrics(endpoint: str, totals: Mapping[str, RequestStats], rows_dropped: int | None = None) -> bytes:
+    """The Prometheus text exposition of one endpoint's served entities, and with ``rows_dropped``
+    (an endpoint with an inference table) the ``inference_rows_dropped_total`` counter."""
     from prometheus_client import generate_latest
 
     # a private registry: the process-wide default one would add this process' own metrics
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_EndpointCollector(endpoint, totals))
+    registry.register(_EndpointCollector(endpoint, totals, rows_dropped))
     return generate_latest(registry)
+
+
+def parse_rows_dropped(text: str) -> int | None:
+    """The ``inference_rows_dropped_total`` of a metrics export; None when it has none."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{ROWS_DROPPED}_total":
+                return int(sample.value)
+    return None
 
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:

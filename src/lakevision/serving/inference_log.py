@@ -4,8 +4,11 @@ Databricks AI Gateway inference tables (``<prefix>_payload``), appended to a Del
 A request never waits for the table: :meth:`InferenceLogger.log` only puts the row on a queue,
 and a background thread appends whatever has queued up every ``flush_seconds`` (one Delta
 commit per flush, not per request). :meth:`InferenceLogger.close` drains the queue, so a clean
-shutdown loses nothing. A write that fails is retried on the next flush; rows are dropped only
-when more than ``max_queued`` pile up, and the next rows written say how many.
+shutdown loses nothing. A write that fails is retried on the next flush, so rows pile up while the
+table cannot be written: what is held (queued and waiting for a retry alike) is bounded in rows
+(``max_queued``) and in bytes (``max_queued_bytes``). A row beyond either bound is dropped; the next
+row written says how many were, and :attr:`InferenceLogger.dropped_total` counts them for the
+endpoint's metrics (``inference_rows_dropped_total``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import queue
 import threading
 import uuid
 from pathlib import Path
@@ -28,6 +30,14 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 PAYLOAD_TOO_LARGE = "MAX_REQUEST_SIZE_EXCEEDED"
 RESPONSE_TOO_LARGE = "MAX_RESPONSE_SIZE_EXCEEDED"
 ROWS_DROPPED = "ROWS_DROPPED"
+DEFAULT_MAX_QUEUED_ROWS = 100_000
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
+_ROW_OVERHEAD_BYTES = 512  # ids, time, codes and the Python objects around a row, roughly
+
+
+def row_bytes(row: dict[str, Any]) -> int:
+    """About what ``row`` holds in memory: its payloads and a fixed overhead."""
+    return _ROW_OVERHEAD_BYTES + sum(len(row[k]) for k in ("request", "response") if row.get(k))
 
 
 def payload_table_name(prefix: str) -> str:
@@ -98,60 +108,74 @@ def inference_row(entity: str, status: int, duration_ms: float, request: bytes, 
 
 
 class InferenceLogger:
-    """Appends rows to the Delta table at ``path`` from a background thread."""
+    """Appends rows to the Delta table at ``path`` from a background thread, holding at most
+    ``max_queued`` rows and ``max_queued_bytes`` of them (see :func:`row_bytes`) until they are written."""
 
-    def __init__(self, path: str | Path, flush_seconds: float = 1.0, max_queued: int = 100_000,
-                 delay_seconds: float = 0.0):
+    def __init__(self, path: str | Path, flush_seconds: float = 1.0, max_queued: int = DEFAULT_MAX_QUEUED_ROWS,
+                 delay_seconds: float = 0.0, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES):
         self.path = Path(path)
         self.flush_seconds = flush_seconds
         # rows land this long after their request at the earliest, as Databricks' rows can arrive
         # up to an hour late: what reads the table must not take a recent gap for no traffic
         self.delay_seconds = delay_seconds
-        self._queue: queue.Queue[dict] = queue.Queue(maxsize=max_queued)
-        self._pending: list[dict] = []  # taken off the queue, not yet committed
-        self._dropped = 0
+        self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
+        self._held: list[tuple[dict, int]] = []  # (row, its bytes) logged, not committed: queued or to retry
+        self._held_bytes = 0
+        self._dropped = 0  # since the last row written, which says so
+        self.dropped_total = 0  # since this logger started
+        self._lock = threading.Lock()  # guards the four above; never held while writing
         self._flushing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"inference-log-{self.path.name}", daemon=True)
         self._thread.start()
 
+    @property
+    def held(self) -> tuple[int, int]:
+        """Rows and bytes held now, queued or waiting for a retry."""
+        with self._lock:
+            return len(self._held), self._held_bytes
+
     def log(self, row: dict[str, Any]) -> None:
-        """Queue ``row``; never blocks and never raises into the request."""
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
-            self._dropped += 1
+        """Queue ``row``, or drop it when the bounds are reached; never blocks and never raises into
+        the request."""
+        size = row_bytes(row)
+        with self._lock:
+            if len(self._held) >= self.max_queued or self._held_bytes + size > self.max_queued_bytes:
+                self._dropped += 1
+                self.dropped_total += 1
+                return
+            self._held.append((row, size))
+            self._held_bytes += size
 
     def flush(self, everything: bool = False) -> int:
         """Write the queued rows that are due (all of them with ``everything``); the rows
-        committed (0 when a write failed: they stay pending)."""
+        committed (0 when a write failed: they stay held, for the next flush)."""
         with self._flushing:  # the background thread and a caller must not write the same rows twice
             return self._flush(everything)
 
     def _flush(self, everything: bool) -> int:
-        while True:
-            try:
-                self._pending.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
         due_before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=self.delay_seconds)
-        due = self._pending if everything else [r for r in self._pending if r["request_time"] <= due_before]
+        with self._lock:
+            due = [(r, n) for r, n in self._held if everything or r["request_time"] <= due_before]
+            dropped = self._dropped
         if not due:
             return 0
-        if self._dropped:
-            # the queue overflowed: say so on the rows that follow the gap
-            due[0]["logging_error_codes"] = [*due[0]["logging_error_codes"], f"{ROWS_DROPPED}:{self._dropped}"]
-            self._dropped = 0
+        rows = [r for r, _ in due]
+        if dropped:  # rows were dropped: say so on the row that follows the gap
+            rows[0] = {**rows[0], "logging_error_codes": [*rows[0]["logging_error_codes"], f"{ROWS_DROPPED}:{dropped}"]}
         try:
             import pyarrow as pa
             from deltalake import write_deltalake
 
-            write_deltalake(str(self.path), pa.Table.from_pylist(due, schema=inference_schema()), mode="append")
+            write_deltalake(str(self.path), pa.Table.from_pylist(rows, schema=inference_schema()), mode="append")
         except Exception:  # a full disk or a locked table must not take serving down; retried next flush
             log.exception("inference table %s: %d rows not written yet", self.path, len(due))
             return 0
-        written = {id(r) for r in due}
-        self._pending = [r for r in self._pending if id(r) not in written]
+        written = {id(r) for r, _ in due}
+        with self._lock:
+            self._held = [(r, n) for r, n in self._held if id(r) not in written]
+            self._held_bytes -= sum(n for _, n in due)
+            self._dropped -= dropped
         return len(due)
 
     def _run(self) -> None:

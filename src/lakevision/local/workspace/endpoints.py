@@ -286,12 +286,18 @@ class LocalWorkspace:
             loggers = list(self._loggers.values())
         return sum(logger.flush() for logger in loggers)
 
-    def _inference_logger(self, record: Mapping[str, Any]) -> InferenceLogger | None:
-        """The logger of the endpoint's inference table; None when it has none enabled."""
+    def _inference_table(self, record: Mapping[str, Any]) -> Path | None:
+        """The folder of the endpoint's inference table; None when it has none enabled."""
         table = (record.get("ai_gateway") or {}).get("inference_table_config") or {}
         if not table.get("enabled"):
             return None
-        path = LocalLayout(self.root).table(table["schema_name"], payload_table_name(table["table_name_prefix"]))
+        return LocalLayout(self.root).table(table["schema_name"], payload_table_name(table["table_name_prefix"]))
+
+    def _inference_logger(self, record: Mapping[str, Any]) -> InferenceLogger | None:
+        """The logger of the endpoint's inference table; None when it has none enabled."""
+        path = self._inference_table(record)
+        if path is None:
+            return None
         with self._lock:
             if path not in self._loggers:
                 self._loggers[path] = InferenceLogger(path, delay_seconds=self._inference_delay_s)
@@ -485,9 +491,12 @@ class LocalWorkspace:
         with self._lock:
             record = self._get(name).record
             entities = [e["name"] for e in record["config"]["served_entities"]] if "config" in record else []
+            table = self._inference_table(record)
+            logger = self._loggers.get(table) if table is not None else None
         totals = self._window.totals(name)
         for entity in entities:  # an idle entity reports zeros rather than vanishing
             totals.setdefault(entity, RequestStats())
-        return render_endpoint_metrics(name, totals)
+        dropped = None if table is None else logger.dropped_total if logger is not None else 0
+        return render_endpoint_metrics(name, totals, dropped)
 
     # -- HTTP
