@@ -7,6 +7,7 @@ for local tables and ``DESCRIBE HISTORY`` for Unity Catalog ones.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ class SchemaDriftError(LakevisionError, RuntimeError):
 def table_exists(spark: SparkSession, ref: TableRef) -> bool:
     if ref.path:
         return (Path(ref.path) / "_delta_log").is_dir()
-    return spark.catalog.tableExists(ref.full_name)
+    return spark.catalog.tableExists(ref.sql)
 
 
 def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -> DataFrame:
@@ -35,7 +36,7 @@ def read_table(spark: SparkSession, ref: TableRef, version: int | None = None) -
         reader = reader.option("versionAsOf", version)
     if ref.path:
         return reader.load(ref.path)
-    return reader.table(ref.full_name)
+    return reader.table(ref.sql)
 
 
 def table_version(spark: SparkSession, ref: TableRef) -> int:
@@ -52,7 +53,7 @@ def _write(df: DataFrame, ref: TableRef, mode: str) -> None:
     if ref.path:
         writer.save(ref.path)
     else:
-        writer.saveAsTable(ref.full_name)
+        writer.saveAsTable(ref.sql)
 
 
 def _check_columns(spark: SparkSession, ref: TableRef, expected: Sequence[str]) -> None:
@@ -115,7 +116,7 @@ def upsert(
     n = src.count()
     if n == 0:
         return 0
-    view = f"lv_src_{ref.name}_{uuid.uuid4().hex[:8]}"
+    view = f"lv_src_{re.sub(r'[^A-Za-z0-9_]', '_', ref.name)}_{uuid.uuid4().hex[:8]}"
     src.createOrReplaceTempView(view)
     on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
     try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lakevision.errors import LakevisionError
 from lakevision.config import LakevisionConfig
+from lakevision.config.schema import UC_NAME
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -75,18 +76,42 @@ class LocalLayout:
         return (self.root / "workspace" / "lock").resolve()
 
 
+class IdentifierError(LakevisionError, ValueError):
+    """A catalog, schema or table name that is not a SQL identifier this project writes."""
+
+
+def sql_name(dotted: str) -> str:
+    """``catalog.schema.table`` (or any dotted name) for Spark SQL and the table APIs: every part
+    checked against :data:`~lakevision.config.schema.UC_NAME` and quoted with backticks, so no name
+    can end the identifier or add to the statement."""
+    parts = dotted.split(".")
+    bad = next((p for p in parts if not UC_NAME.fullmatch(p)), None)
+    if bad is not None:
+        raise IdentifierError(f"{dotted!r}: {bad!r} is not a Unity Catalog name (letters, digits, underscores and "
+                         "hyphens)")
+    return ".".join(f"`{p}`" for p in parts)
+
+
 @dataclass(frozen=True)
 class TableRef:
-    """A Delta table: a folder locally, a Unity Catalog three-level name on Databricks."""
+    """A Delta table: a folder locally, a Unity Catalog three-level name on Databricks (checked
+    when the reference is made)."""
 
     name: str
     path: str | None = None
     full_name: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.full_name is not None:
+            sql_name(self.full_name)
+
     @property
     def sql(self) -> str:
-        """The identifier to use in Spark SQL (``MERGE INTO``, ``SELECT``)."""
-        return f"delta.`{self.path}`" if self.path else str(self.full_name)
+        """The identifier to use in Spark SQL (``MERGE INTO``, ``SELECT``) and the table APIs
+        (``saveAsTable``): each part quoted with backticks."""
+        if self.path:
+            return "delta.`" + self.path.replace("`", "``") + "`"
+        return sql_name(str(self.full_name))
 
     @property
     def location(self) -> str:

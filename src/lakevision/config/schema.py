@@ -4,10 +4,11 @@ the resolved configuration of a run. Unknown keys, wrong types and out-of-range 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lakevision.tasks import TRAINING_TASKS
 
@@ -230,6 +231,12 @@ class DeploymentConfig(_Strict):
 
 
 # ---------------------------------------------------------------- targets.yaml
+# A Unity Catalog name the jobs put in SQL and paths (catalog, schema, volume, table): letters,
+# digits, underscores and hyphens, always quoted with backticks in SQL (lakevision.runtime.sql_name);
+# never a dot, a space, a slash, a quote or a backtick.
+UC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,254}")
+
+
 class Target(_Strict):
     runtime: Literal["local", "databricks"]
     catalog: str | None = None
@@ -238,6 +245,13 @@ class Target(_Strict):
     experiment: str | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("catalog", "schema_", "volume")
+    @classmethod
+    def _uc_name(cls, value: str | None) -> str | None:
+        if value is not None and not UC_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Unity Catalog name: use letters, digits, underscores and hyphens")
+        return value
 
     @model_validator(mode="after")
     def _databricks_needs_names(self) -> Target:
