@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -114,3 +115,18 @@ def test_target_and_uc_names_from_the_environment(monkeypatch):
     cfg = load_config(CONFIG_DIR)
     assert cfg.target_name == "staging"
     assert (cfg.target.schema_, cfg.target.experiment, cfg.target.catalog) == ("from_bundle", "/Shared/x", "main")
+
+
+@pytest.mark.parametrize("override", ["deployment.x=[1,", "training.model.learning_rate={a: b", 'data_processing.batch_size="x'])
+def test_a_set_value_that_is_not_yaml_names_the_key(override):
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError, match=rf"^override {re.escape(key)}: {re.escape(repr(value))} is not a YAML value: "):
+        load_config(CONFIG_DIR, "local", [override])
+
+
+def test_a_bad_set_value_is_one_line_from_the_command_line(capsys):
+    from lakevision.cli import main
+
+    assert main(["train", "--config", str(CONFIG_DIR), "--set", "deployment.x=[1,"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lakevision train: error: override deployment.x: '[1,' is not a YAML")

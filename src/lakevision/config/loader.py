@@ -126,7 +126,13 @@ def _apply_overrides(raw: dict, overrides: list[str], path: Path | None) -> dict
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{path or '<defaults>'}: override {key}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"override {key}: {value!r} is not a YAML value: {problem}{where}") from None
     return raw
 
 
