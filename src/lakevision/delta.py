@@ -8,6 +8,7 @@ for local tables and ``DESCRIBE HISTORY`` for Unity Catalog ones.
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,22 +110,26 @@ def upsert(
         return read_table(spark, ref).count()  # the table, not df: df would be computed a second time
     current = read_table(spark, ref).select(*keys, *compare)
     changed = df.join(current, on=[*keys, *compare], how="left_anti")
-    # Stage the delta so MERGE does not read the target it is rewriting.
+    # Stage the delta so MERGE does not read the target it is rewriting; removed once merged (or
+    # on the way out of a failed or cancelled merge: SIGTERM unwinds through here)
     stage = staging_dir / f"merge-{ref.name}-{uuid.uuid4().hex[:8]}"
-    changed.write.mode("overwrite").parquet(str(stage))
-    src = spark.read.parquet(str(stage))
-    n = src.count()
-    if n == 0:
-        return 0
-    view = f"lv_src_{re.sub(r'[^A-Za-z0-9_]', '_', ref.name)}_{uuid.uuid4().hex[:8]}"
-    src.createOrReplaceTempView(view)
-    on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
     try:
-        spark.sql(
-            f"MERGE INTO {ref.sql} AS t USING {view} AS s ON {on} "
-            "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
-        )
+        changed.write.mode("overwrite").parquet(str(stage))
+        src = spark.read.parquet(str(stage))
+        n = src.count()
+        if n == 0:
+            return 0
+        view = f"lv_src_{re.sub(r'[^A-Za-z0-9_]', '_', ref.name)}_{uuid.uuid4().hex[:8]}"
+        src.createOrReplaceTempView(view)
+        on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+        try:
+            spark.sql(
+                f"MERGE INTO {ref.sql} AS t USING {view} AS s ON {on} "
+                "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *"
+            )
+        finally:
+            spark.catalog.dropTempView(view)
+        _check_columns(spark, ref, df.columns)
+        return n
     finally:
-        spark.catalog.dropTempView(view)
-    _check_columns(spark, ref, df.columns)
-    return n
+        shutil.rmtree(stage, ignore_errors=True)
