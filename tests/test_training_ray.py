@@ -60,6 +60,11 @@ def _finish(proc, timeout=480):
     return out, err
 
 
+def _temp_leftovers(tmp):
+    """What Lightning and Ray Train put in a temp folder: each run's checkpoint staging and downloads."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(("lightning_checkpoints-", "checkpoint_tmp_")))
+
+
 def _runs(root):
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lakevision")
@@ -80,6 +85,9 @@ def test_two_workers_learn_detection_and_survive_a_killed_worker(ingested, child
             assert proc.poll() is None, proc.stderr.read()[-5000:]
             assert time.monotonic() < deadline, "no checkpoint was registered"
             time.sleep(0.1)
+        # Lightning stages each epoch's checkpoint under the run's storage, never in the temp folder
+        assert list((ingested / "checkpoints").glob("*.scratch/lightning_checkpoints-*"))
+        assert _temp_leftovers(child_tmp) == []
         # a worker of this run: a descendant of this test's process, never another's
         workers = sorted(pid for pid in descendants(proc.pid) if "ray::RayTrainWorker" in command_line(pid))
         assert len(workers) == 2, f"Ray Train workers under the train process: {workers}"
@@ -87,6 +95,8 @@ def test_two_workers_learn_detection_and_survive_a_killed_worker(ingested, child
         out, _ = _finish(proc)
     result = json.loads(out)
     assert result["cluster"] == "local" and result["data_version"] == 0
+    # the killed worker's staging went with the run's scratch folder
+    assert not list((ingested / "checkpoints").glob("*.scratch")) and _temp_leftovers(child_tmp) == []
     assert {"run_id", "model_uri", "metrics", "best_metric", "checkpoint_path"} <= set(result)
     client, runs = _runs(ingested)
     assert [r.info.run_id for r in runs] == [result["run_id"]]  # one run, also across the restart
@@ -127,6 +137,7 @@ def test_ray_on_spark_local_cluster(ingested, child_tmp):
         out, _ = _finish(proc)
     result = json.loads(out)
     assert result["cluster"] == "ray_on_spark"
+    assert not list((ingested / "checkpoints").glob("*.scratch")) and _temp_leftovers(child_tmp) == []
     # the accuracy the run logged, over whole validation images: k of n, or of n padded to the
     # 2 workers' equal shares by the distributed sampler
     client, _ = _runs(ingested)

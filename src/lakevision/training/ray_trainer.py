@@ -102,6 +102,13 @@ def train_loop_per_worker(cfg: dict) -> dict:
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
 
     opt = cfg["optimization"]
+    if cfg.get("scratch_dir"):
+        # Lightning stages each epoch's checkpoint (RayTrainReportCallback: lightning_checkpoints-*)
+        # and Ray downloads a checkpoint to resume from (checkpoint_tmp_*) in tempfile.gettempdir():
+        # under the run's storage instead, where the driver removes them, a killed worker's too.
+        # This process is the worker's own actor, gone after training.
+        Path(cfg["scratch_dir"]).mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = cfg["scratch_dir"]
     module = copy.deepcopy(cfg["module"])
     train_loader, val_loader = _loaders(cfg)
     precision = opt["precision"]
@@ -184,13 +191,14 @@ class RayTrainer:
         name = config.get("name") or f"lakevision-{task}-{int(time.time())}"
         run_id = config.get("run_id")
         metrics_file = storage / f"{name}.metrics.jsonl" if run_id else None
+        scratch = storage / f"{name}.scratch"  # the workers' temp files, removed after training
         if metrics_file is not None:
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
         loop_cfg = {
             "module": self.model, "task": task, "semantic": semantic,
             "train": config["train"], "val": config["val"],
             "data": s.data.model_dump(), "optimization": s.optimization.model_dump(),
-            "metrics_file": str(metrics_file) if metrics_file else None,
+            "metrics_file": str(metrics_file) if metrics_file else None, "scratch_dir": str(scratch),
         }
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -206,8 +214,11 @@ class RayTrainer:
             ),
         )
         relay = MetricsRelay(metrics_file, config.get("tracking_uri"), run_id) if run_id else contextlib.nullcontext()
-        with ray_cluster(s.distributed, log_to_driver=config.get("log_to_driver", True)) as where, relay:
-            result = trainer.fit()
+        try:
+            with ray_cluster(s.distributed, log_to_driver=config.get("log_to_driver", True)) as where, relay:
+                result = trainer.fit()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         if result.error is not None:
             raise result.error
         history = self._history(result, config.get("tracking_uri"), config.get("run_id"))
