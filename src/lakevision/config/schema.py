@@ -211,6 +211,23 @@ class WorkspaceSettings(_Strict):
     retry_timeout_seconds: int = Field(10, gt=0, le=300, description="give up on an unreachable host after this")
 
 
+class ScoringSettings(_Strict):
+    """Batch scoring (the score job) and the evaluate job's predictions on the Spark workers."""
+
+    output_table: str = Field("scores", pattern=r"^[A-Za-z0-9_]+$", description="the score job's Delta table")
+    batch_bytes: int = Field(32 * 2**20, gt=0, description="image file bytes a task reads and holds at once")
+    batch_size: int = Field(8, gt=0, description="images per model call")
+    partitions: int = Field(0, ge=0, description="Spark partitions per round; 0 = the cluster's cores")
+    round_images: int = Field(20_000, gt=0, description="images per committed MERGE: a killed run loses at most "
+                                                         "one round's work")
+    threads_per_task: int = Field(0, ge=0, description="torch CPU threads per Spark task; 0 = the task's cores "
+                                                       "(spark.task.cpus, or cores / concurrent tasks)")
+    use_gpu: bool = Field(False, description="each task runs the model on the GPU Spark assigned it")
+    max_file_bytes: int = Field(256 * 2**20, gt=0, description="a larger file is an error row, never read")
+    evaluate_on_workers: bool = Field(True, description="evaluate's detection and instance-segmentation "
+                                                        "predictions and metric states on the Spark workers")
+
+
 class Deployment(_Strict):
     workspace: WorkspaceSettings = WorkspaceSettings()
     endpoint: EndpointSettings = EndpointSettings()
@@ -224,6 +241,7 @@ class Deployment(_Strict):
     endpoint_name: str = Field("lakevision", pattern=r"^[A-Za-z0-9_-]{1,63}$")
     canary: CanarySettings = CanarySettings()
     serving: ServingSettings = ServingSettings()
+    scoring: ScoringSettings = ScoringSettings()
 
 
 class DeploymentConfig(_Strict):

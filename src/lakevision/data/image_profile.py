@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -218,16 +219,22 @@ class EmbeddingRecorder:
     """Records one embedding row per image while the model predicts: its last feature maps
     averaged over space and projected to :data:`EMBEDDING_DIM` values. The maps are the ones the
     prediction computes anyway, so an embedding costs no second pass over the image; the
-    reference profile and the served model record them the same way, through the serving path."""
+    reference profile and the served model record them the same way, through the serving path.
+
+    Only the creating thread's forward passes are recorded: threads that share one model (a
+    server's request threads, Sail's UDF threads in batch scoring) each see their own images."""
 
     def __init__(self, model: nn.Module):
         self._module, self._maps = _feature_module(model)
         self.rows: list[np.ndarray] = []
         self._handle = None
+        self._thread = threading.get_ident()
 
     def _hook(self, module, inputs, output) -> None:
+        if threading.get_ident() != self._thread:
+            return
         fmap = self._maps(output).detach().float()
-        pooled = fmap.mean(dim=(2, 3)).numpy()
+        pooled = fmap.mean(dim=(2, 3)).cpu().numpy()
         self.rows.extend(pooled @ _projection(pooled.shape[1]))
 
     def __enter__(self) -> EmbeddingRecorder:

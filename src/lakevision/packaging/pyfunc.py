@@ -167,8 +167,17 @@ def decode_images(texts: list[Any], spec: ServingSpec) -> list[DecodedImage]:
                 opened.close()
             raise bad_request(f"rows 0-{row}: the request's images have {total:,} pixels so far, more than the "
                               f"limit of {spec.max_request_pixels:,} per request")
-    reduce_to = spec.image_size if spec.task in REDUCED_DECODE_TASKS and not spec.semantic else None
-    return [_decode(im, row, reduce_to) for row, im in enumerate(headers)]
+    return [_decode(im, row, _reduce_to(spec)) for row, im in enumerate(headers)]
+
+
+def _reduce_to(spec: ServingSpec) -> int | None:
+    return spec.image_size if spec.task in REDUCED_DECODE_TASKS and not spec.semantic else None
+
+
+def decode_file(data: bytes, spec: ServingSpec) -> DecodedImage:
+    """An image file's bytes decoded exactly as a request's image is (same formats, limits and
+    reduced-scale decode), for batch scoring; a failure raises the 400 the server would send."""
+    return _decode(_open(data, 0, spec.max_image_pixels), 0, _reduce_to(spec))
 
 
 def decode_image(text: Any, row: int, max_pixels: int) -> np.ndarray:
@@ -192,22 +201,32 @@ def raw_outputs(model, images: list[np.ndarray], spec: ServingSpec) -> list[dict
     """The model's own outputs per image as numpy (the form exports are compared in):
     ``probabilities`` (classification), ``logits`` at the original size (semantic), or
     ``boxes``/``labels``/``scores``(/``masks`` as probabilities) (instances)."""
+    device = model_device(model)
     if spec.instance:
         # one image per call: torchvision pads a batch to its largest image, which shifts the
         # features at the borders, and an answer must not depend on what else was in the request
         with torch.inference_mode():
-            out = [model(preprocess([im], spec))[0] for im in images]
-        return [{k: v.float().numpy() if k != "labels" else v.numpy() for k, v in o.items()} for o in out]
-    x = preprocess(images, spec)
+            out = [model([x.to(device) for x in preprocess([im], spec)])[0] for im in images]
+        return [{k: (v.float() if k != "labels" else v).cpu().numpy() for k, v in o.items()} for o in out]
+    x = preprocess(images, spec).to(device)
     with torch.inference_mode():
         out = model(x)
     if spec.semantic:
         import torch.nn.functional as F
 
         logits = out["out"] if isinstance(out, dict) else out
-        return [{"logits": F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0].numpy()}
+        return [{"logits": F.interpolate(lg[None], size=im.shape[:2], mode="bilinear",
+                                         align_corners=False)[0].cpu().numpy()}
                 for lg, im in zip(logits, images)]
-    return [{"probabilities": p.numpy()} for p in out.double().softmax(1)]
+    return [{"probabilities": p.numpy()} for p in out.double().softmax(1).cpu()]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (inputs go there, outputs come back to the CPU)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):  # no weights, or an export's runner that is no torch module
+        return torch.device("cpu")
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -324,8 +343,24 @@ class ImageModel:
             except MlflowException as exc:
                 log.warning("reference image %d left out: %s", i, exc.message)
         records = [r for i in range(0, len(decoded), batch_size)
-                   for r in self.predict_with_features(decoded[i:i + batch_size])[1]]
+                   for r in self.feature_records(decoded[i:i + batch_size])]
         return profile_from_records(records)
+
+    def feature_records(self, images: list[np.ndarray] | list[DecodedImage]) -> list[dict]:
+        """The feature records :meth:`predict_with_features` returns, without the prediction: a
+        detector's embedding is its backbone's output on its own transform of the image, so the
+        region proposals and box heads (most of its time) can be skipped."""
+        from lakevision.data.image_profile import EmbeddingRecorder
+
+        decoded = [im if isinstance(im, DecodedImage) else DecodedImage(im, im.shape[1], im.shape[0]) for im in images]
+        if not (self.spec.instance and hasattr(self.model, "transform") and hasattr(self.model, "backbone")):
+            return self.predict_with_features(decoded)[1]
+        device = model_device(self.model)
+        with EmbeddingRecorder(self.model) as recorder, torch.inference_mode():
+            for x in preprocess([d.array for d in decoded], self.spec):  # one at a time, as served
+                batch, _ = self.model.transform([x.to(device)])
+                self.model.backbone.body(batch.tensors)
+        return [feature_record(d.array, e, (d.width, d.height)) for d, e in zip(decoded, recorder.rows)]
 
     def predict_frame(self, frame):
         import pandas as pd
@@ -447,6 +482,19 @@ def load_pyfunc(model_uri: str) -> tuple[mlflow.pyfunc.PyFuncModel, list[str]]:
         requirements = local / "requirements.txt"
         lines = requirements.read_text().splitlines() if requirements.exists() else []
         return mlflow.pyfunc.load_model(str(local)), lines
+
+
+def load_local_image_model(model_dir: str | Path, device: str = "cpu") -> ImageModel:
+    """The :class:`ImageModel` of a pyfunc already on this machine (a staged copy, see
+    :func:`lakevision.packaging.batch.stage_model`), on ``device``; nothing is downloaded."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        image_model = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model().image_model
+    except (MlflowException, OSError, AttributeError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot load the model: {exc}") from None
+    image_model.model.to(device)
+    return image_model
 
 
 def load_image_model(model_uri: str) -> ImageModel:
