@@ -101,6 +101,28 @@ def test_detection_metrics_equal_pycocotools_on_the_stored_predictions(ingested)
     assert again.predictions_table["version"] == version  # same predictions: nothing committed
 
 
+def test_evaluation_on_the_workers_equals_the_driver_evaluation(ingested):
+    """Predictions and metric states from Spark partitions, merged on the driver, give the
+    driver-only evaluation's metrics and the very same stored predictions."""
+    runtime, _ = ingested
+    uri, _ = _log(runtime, "detection", "fasterrcnn_mobilenet_v3_large_320_fpn", 4)
+    # one torch thread, as each of the two worker tasks gets on 2 cores: a different thread count
+    # may move a box by one float32 ulp (never a metric by 1e-9, but the stored text would differ)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        driver = run_evaluation(runtime, uri, batch_size=2, on_workers=False)
+    finally:
+        torch.set_num_threads(threads)
+    workers = run_evaluation(runtime, uri, batch_size=2, on_workers=True)
+    assert (driver.partitions, workers.partitions) == (0, 2)  # 2 batches of the test split, one per partition
+    assert driver.metrics["map_50"] > 0 and set(workers.metrics) == set(driver.metrics)
+    for name, value in driver.metrics.items():
+        assert workers.metrics[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name
+    # the workers' predictions are the driver's to the last bit: the predictions table did not change
+    assert workers.predictions_table["version"] == driver.predictions_table["version"]
+
+
 def test_classification_evaluation_logs_confusion_matrix(ingested):
     runtime, ds = ingested
     uri, run_id = _log(runtime, "classification", "resnet18", 3)

@@ -29,14 +29,14 @@ from lakevision.tasks import task_kind
 from lakevision.tracking import (EVAL_DATA_VERSION_TAG, EVAL_KIND_TAG, EVAL_MODEL_URI_TAG, EVAL_TASK_TAG,
                                  EVALUATION_REPORT_ARTIFACT, TEST_PREFIX, mlflow_client)
 from lakevision.data.dataset import COCODataset
-from lakevision.data.images import segmentation_to_rle
 from lakevision.data.samples import SplitRecords, load_split
+from lakevision.evaluation.distributed import (BOX_GT_KEYS, BOX_KEYS, evaluate_on_workers, ground_truth,
+                                               instance_outputs, prediction_body)
 from lakevision.data.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_TABLE = "predictions"
-_MASK_THRESHOLD = 0.5
 _GRID = 6  # images in each figure grid
 
 
@@ -52,6 +52,7 @@ class EvaluationResult:
     images: int
     metrics: dict[str, float]
     predictions_table: dict[str, Any]  # location and version of the per-image predictions
+    partitions: int = 0  # Spark partitions that predicted on the workers; 0: the driver did
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,40 +99,6 @@ def _task_of(model: torch.nn.Module, requested: str | None, params: dict) -> tup
     if trained and trained != task:
         raise DataError(f"the model's training run says task {trained!r}, the model is a {task} model")
     return task, semantic
-
-
-def _instance_outputs(model, records: SplitRecords, label_to_cat: dict[int, int], task: str, batch: int) -> list[dict]:
-    """One prediction dict per test image, labels mapped back to COCO category ids."""
-    ds = COCODataset(records.image_paths, records.annotations, None, "detection", category_ids=records.category_ids)
-    preds = []
-    with torch.no_grad():
-        for start in range(0, len(ds), batch):
-            items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
-            outs = model([x.float().div(255) for x, _ in items])
-            for (_, t), o in zip(items, outs):
-                labels = np.array([label_to_cat[int(v)] for v in o["labels"]], np.int64)
-                p = {"image_id": int(t["image_id"]), "boxes": o["boxes"].numpy(), "labels": labels,
-                     "scores": o["scores"].numpy()}
-                if task == "segmentation":
-                    p["masks"] = (o["masks"][:, 0] > _MASK_THRESHOLD).numpy().astype(np.uint8)
-                preds.append(p)
-    return preds
-
-
-def ground_truth(records: SplitRecords, with_masks: bool) -> list[dict]:
-    gts = []
-    for rec in records.annotations:
-        anns = rec["annotations"]
-        xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-        gt = {"image_id": int(rec["image_id"]),
-              "boxes": np.column_stack([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]]) if len(anns) else np.zeros((0, 4)),
-              "labels": np.array([a["category_id"] for a in anns], np.int64),
-              "iscrowd": np.array([a["iscrowd"] for a in anns], np.int64),
-              "area": np.array([a["area"] for a in anns], np.float64)}
-        if with_masks:
-            gt["masks"] = [segmentation_to_rle(a["segmentation"], rec["height"], rec["width"]) for a in anns]
-        gts.append(gt)
-    return gts
 
 
 def _per_image_recall(pred: dict, gt: dict, iou: float = 0.5) -> float:
@@ -221,9 +188,7 @@ def _report(task: str, model_uri: str, records: SplitRecords, metrics: dict[str,
 def _predictions_frame(model_uri: str, records: SplitRecords, preds: list[dict], task: str) -> pd.DataFrame:
     rows = []
     for p in preds:
-        # full precision: the table must reproduce the metrics exactly
-        body = {"boxes": np.asarray(p.get("boxes", np.zeros((0, 4)))).tolist(),
-                "labels": np.asarray(p.get("labels", [])).tolist(), "scores": np.asarray(p.get("scores", [])).tolist()}
+        body = prediction_body(p)  # full precision: the table must reproduce the metrics exactly
         if task == "classification" or "label" in p:
             body = {"label": int(p["label"]), "probabilities": np.asarray(p["probabilities"]).tolist()}
         text = json.dumps(body)
@@ -234,7 +199,10 @@ def _predictions_frame(model_uri: str, records: SplitRecords, preds: list[dict],
 
 
 def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_version: int | None = None,
-                   batch_size: int = 8) -> EvaluationResult:
+                   batch_size: int = 8, on_workers: bool | None = None) -> EvaluationResult:
+    """``on_workers`` (default ``deployment.scoring.evaluate_on_workers``): detection and instance
+    segmentation predict and keep their metric states on the Spark workers, with the same
+    results as on the driver (:mod:`lakevision.evaluation.distributed`)."""
     import mlflow
 
     mlflow.set_tracking_uri(rt.tracking_uri)
@@ -247,24 +215,34 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
         raise DataError(f"{records.table}@v{records.version}: the test split has no images")
     names = dict(zip(records.category_ids, records.category_names))
     figures: dict[str, Any] = {}
+    partitions = 0
     if task == "classification" or semantic:
         metrics, preds, figures = _dense_task(model, records, task, semantic, params, batch_size)
         worst = [] if semantic else _misclassified_first(preds)
     else:
-        label_to_cat = {i + 1: c for i, c in enumerate(records.category_ids)}
-        preds = _instance_outputs(model, records, label_to_cat, task, batch_size)
         gts = ground_truth(records, with_masks=task == "segmentation")
-        det = DetectionMetrics()
-        box_gts = [{k: g[k] for k in ("image_id", "boxes", "labels", "iscrowd", "area")} for g in gts]
-        box_preds = [{k: p[k] for k in ("image_id", "boxes", "labels", "scores")} for p in preds]
-        stats = det.compute_metrics(box_preds, box_gts, num_classes=len(records.category_ids))
+        box_gts = [{k: g[k] for k in BOX_GT_KEYS} for g in gts]
+        seg_metrics = SegmentationMetrics(len(records.category_ids) + 1)
+        if rt.config.deployment.scoring.evaluate_on_workers if on_workers is None else on_workers:
+            flavor = "pytorch" if "pytorch" in info.flavors else "pyfunc"
+            on = evaluate_on_workers(rt, model_uri, flavor, records, task, batch_size)
+            preds, det, partitions = on.predictions, on.boxes, on.partitions
+            stats = det.compute(num_classes=len(records.category_ids))
+            segm = seg_metrics.compute_instance_state(on.masks) if task == "segmentation" else {}
+            box_preds = [{k: p[k] for k in BOX_KEYS} for p in preds]
+        else:
+            label_to_cat = {i + 1: c for i, c in enumerate(records.category_ids)}
+            preds = instance_outputs(model, records, label_to_cat, task, batch_size)
+            det = DetectionMetrics()
+            box_preds = [{k: p[k] for k in BOX_KEYS} for p in preds]
+            stats = det.compute_metrics(box_preds, box_gts, num_classes=len(records.category_ids))
+            segm = seg_metrics.compute_metrics(
+                [{k: p[k] for k in ("image_id", "masks", "labels", "scores")} for p in preds],
+                [{k: g[k] for k in ("image_id", "masks", "labels", "iscrowd", "area")} for g in gts],
+            ) if task == "segmentation" else {}
         metrics = {k: float(v) for k, v in stats.items() if not isinstance(v, dict)}
         metrics.update({f"ap_{names.get(c, c)}": float(v) for c, v in stats["map_per_class"].items()})
-        if task == "segmentation":
-            segm = SegmentationMetrics(len(records.category_ids) + 1).compute_metrics(
-                [{k: p[k] for k in ("image_id", "masks", "labels", "scores")} for p in preds],
-                [{k: g[k] for k in ("image_id", "masks", "labels", "iscrowd", "area")} for g in gts])
-            metrics.update({f"segm_{k}": float(v) for k, v in segm.items() if not isinstance(v, dict)})
+        metrics.update({f"segm_{k}": float(v) for k, v in segm.items() if not isinstance(v, dict)})
         worst = list(np.argsort([_per_image_recall(p, g) for p, g in zip(preds, gts)], kind="stable"))
         figures = {
             "evaluation/pr_curve.png": det.plot_precision_recall_curve(
@@ -291,7 +269,8 @@ def run_evaluation(rt: Runtime, model_uri: str, task: str | None = None, data_ve
     return EvaluationResult(task=task, kind=task_kind(task, semantic).name, model_uri=model_uri, run_id=run_id,
                             data_version=records.version, images=len(records.image_paths), metrics=metrics,
                             predictions_table={"location": ref.location,
-                                               "version": delta.table_version(rt.spark, ref)})
+                                               "version": delta.table_version(rt.spark, ref)},
+                            partitions=partitions)
 
 
 def _dense_task(model, records: SplitRecords, task: str, semantic: bool, params: dict, batch: int):

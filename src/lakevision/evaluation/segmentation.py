@@ -108,7 +108,16 @@ class SegmentationMetrics:
         return self._semantic_metrics(predictions, ground_truth)
 
     def _instance_metrics(self, predictions: Sequence[Mapping], ground_truth: Sequence[Mapping]) -> dict[str, Any]:
-        state = _instance_state(predictions, ground_truth)
+        return self.compute_instance_state(self.instance_state(predictions, ground_truth))
+
+    @staticmethod
+    def instance_state(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping]) -> CocoState:
+        """The validated masks of a batch of images: states of disjoint image sets merge
+        (:meth:`CocoState.merge`), so workers can each keep theirs and the driver evaluate once."""
+        return _instance_state(predictions, ground_truth)
+
+    def compute_instance_state(self, state: CocoState) -> dict[str, Any]:
+        """The 12 COCO mask stats of a (merged) instance state."""
         return summary(evaluate(state, category_ids(state, self.num_classes)))
 
     def confusion_matrix(self, predictions: Sequence[Mapping], ground_truth: Sequence[Mapping]) -> np.ndarray:
