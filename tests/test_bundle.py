@@ -39,7 +39,7 @@ def _vars(target: str) -> dict | None:
 def test_real_bundle_validates_for_every_target(target):
     bundle = load_bundle(REPO, target, _vars(target), user=USER)
     assert validate_bundle(bundle) == []
-    assert set(bundle.resources["jobs"]) == {"ingest", "train", "evaluate", "deploy", "monitor", "cv_pipeline"}
+    assert set(bundle.resources["jobs"]) == {"ingest", "train", "evaluate", "deploy", "monitor", "score", "cv_pipeline"}
     assert set(bundle.resources) >= {"experiments", "registered_models", "schemas", "volumes"}
     pipeline = bundle.resources["jobs"]["cv_pipeline"]
     by_key = {t["task_key"]: t for t in pipeline["tasks"]}
@@ -53,6 +53,15 @@ def test_real_bundle_validates_for_every_target(target):
     assert "-gpu-ml-" in gpu["spark_version"] and gpu["driver_node_type_id"] == gpu["node_type_id"]
     cpu = next(c["new_cluster"] for c in pipeline["job_clusters"] if c["job_cluster_key"] == "cpu")
     assert "-cpu-ml-" in cpu["spark_version"]
+    # the score job runs on the cluster of the target's profile: GPU tasks with one GPU each, or CPU
+    score = bundle.resources["jobs"]["score"]
+    scoring = score["job_clusters"][0]["new_cluster"]
+    assert score["tasks"][0]["notebook_task"]["notebook_path"].endswith("jobs/score.py")
+    if bundle.variables["profile"] == "gpu":
+        assert "-gpu-ml-" in scoring["spark_version"] and scoring["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
+    else:
+        assert "-cpu-ml-" in scoring["spark_version"] and "spark_conf" not in scoring
+    assert score["schedule"]["quartz_cron_expression"] == "0 0 2 * * ?"  # daily
 
 
 def test_dev_names_carry_the_users_prefix_and_every_job_reads_them():
@@ -90,6 +99,7 @@ def test_production_names_are_as_written_and_schedules_run():
     assert staging.resources["schemas"]["lakevision"]["name"] == "lakevision_staging"
     assert prod.resources["jobs"]["cv_pipeline"]["name"] == "lakevision-cv-pipeline"
     assert prod.resources["jobs"]["monitor"]["schedule"]["pause_status"] == "UNPAUSED"
+    assert prod.resources["jobs"]["score"]["schedule"]["pause_status"] == "UNPAUSED"
     assert prod.run_as == {"service_principal_name": SP}
     assert prod.resources["jobs"]["monitor"]["email_notifications"]["on_failure"] == [PROD_VARS["notification_email"]]
 
@@ -320,7 +330,7 @@ def test_prod_service_principal_needs_its_grants(bundle_copy):
 @pytest.mark.parametrize("email, why", [(SP, "is the run_as service principal"), ("ml-oncall", "is not an email address")])
 def test_failure_emails_must_reach_a_person(email, why):
     problems = [str(p) for p in validate_bundle(load_bundle(REPO, "prod", {**PROD_VARS, "notification_email": email}))]
-    assert len(problems) == 6 and all(f"email_notifications.on_failure[0]: '{email}' {why}" in p for p in problems)
+    assert len(problems) == 7 and all(f"email_notifications.on_failure[0]: '{email}' {why}" in p for p in problems)
 
 
 def test_a_service_principal_deploying_cannot_be_the_default_recipient():

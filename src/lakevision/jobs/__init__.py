@@ -7,9 +7,9 @@ whose task values reach downstream tasks.
 
 from __future__ import annotations
 
-from lakevision.jobs import deploy, evaluate, gate, ingest, monitor, train
+from lakevision.jobs import deploy, evaluate, gate, ingest, monitor, score, train
 from lakevision.jobs.base import Step, StepResult
 
-STEPS: dict[str, Step] = {m.STEP.name: m.STEP for m in (ingest, train, evaluate, gate, deploy, monitor)}
+STEPS: dict[str, Step] = {m.STEP.name: m.STEP for m in (ingest, train, evaluate, gate, deploy, monitor, score)}
 
 __all__ = ["STEPS", "Step", "StepResult"]
