@@ -364,3 +364,22 @@ def test_a_task_does_not_see_the_widgets_of_the_task_its_run_was_started_from(tm
     del task["notebook_task"]["base_parameters"]
     run, _ = _run(mini_bundle(tmp_path, [task]), tmp_path / "data")
     assert run.task("t").status == SUCCESS and run.task("t").values == {}
+
+
+def test_the_runner_shows_progress_lines_not_the_last_log_line(tmp_path, monkeypatch):
+    """A task's library warnings stay in its log: the screen gets its marked progress lines."""
+    from lakevision import progress
+    from lakevision.local import job_runner
+
+    monkeypatch.setattr(job_runner, "HEARTBEAT_S", 0.5)
+    bundle = mini_bundle(tmp_path, [nb("slow", "progress=step 1 of 2", "sleep=2.5")])
+    seen = []
+    runner = LocalJobRunner(load_bundle(bundle, "local", local_files=True), tmp_path / "data",
+                            progress=lambda event, task, i, n: seen.append((event, task.message)))
+    run = runner.run("j")
+    assert run.status == "SUCCESS", run.message
+    shown = [m for e, m in seen if e == "running"]
+    # the progress line, and before it appears a plain sign of life: never the warning after it
+    assert "step 1 of 2" in shown and set(shown) <= {"step 1 of 2", "running"}, seen
+    assert progress.latest("x\n(RayTrainWorker pid=7) " + progress.MARK + "epoch 2\nwarning\n") == "epoch 2"
+    assert progress.latest("no marks here\n") is None

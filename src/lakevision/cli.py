@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from lakevision.errors import LakevisionError
 from lakevision.jobs import STEPS
@@ -95,6 +96,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.root, args.images, args.bundle)
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from lakevision.demo import query_endpoint
+    from lakevision.packaging.pyfunc import FEATURES_COLUMN
+    from lakevision.runtime import local_root
+
+    answers = query_endpoint(local_root(args.root).resolve(), args.endpoint, [Path(p) for p in args.images], args.host)
+    for answer in answers:
+        if not args.features:
+            answer["prediction"].pop(FEATURES_COLUMN, None)
+        print(json.dumps(answer) if args.json else
+              f"{answer['image']}: {answer['served_by']} in {answer['latency_ms']} ms: {json.dumps(answer['prediction'])}")
+    return 0
+
+
 def cmd_workspace(args: argparse.Namespace) -> int:
     from lakevision.runtime import local_root
     from lakevision.local.workspace.process import TOKEN_ENV, serve_forever
@@ -141,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_bundle_commands(sub)
+
+    p = sub.add_parser("query", help="send image files to a serving endpoint, one request each")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WEBP or BMP)")
+    p.add_argument("--endpoint", required=True, help="serving endpoint name")
+    p.add_argument("--host", default=None, help="workspace URL, token from $DATABRICKS_TOKEN (default: the local "
+                                                  "workspace over --root)")
+    p.add_argument("--root", default=None, help="local data root (default: $LAKEVISION_ROOT or .lakevision)")
+    p.add_argument("--features", action="store_true", help="keep each answer's feature record")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("workspace", help="serve the local stand-in for the workspace's Model Serving and Jobs APIs")
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")

@@ -31,6 +31,7 @@ from lakevision.bundle.task_context import NOTEBOOK_TASK, TASK_TYPE_ENV, TASK_VA
 from lakevision.local.job_runs import SKIPPED, end_without_result, submit, wait_for_turn
 from lakevision.local.process_tree import kill_tree, run_mark
 from lakevision.local.bundle_validate import DYNAMIC_REF, notebook_file, validate_bundle
+from lakevision import progress
 from lakevision.errors import LakevisionError
 from lakevision.jobs.base import stop_on_sigterm
 from lakevision.runtime import ROOT_ENV, LocalLayout
@@ -38,7 +39,7 @@ from lakevision.runtime import ROOT_ENV, LocalLayout
 SUCCESS, FAILED, UPSTREAM_FAILED, EXCLUDED, TIMED_OUT = "SUCCESS", "FAILED", "UPSTREAM_FAILED", "EXCLUDED", "TIMED_OUT"
 _LOG_TAIL_LINES = 12
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-HEARTBEAT_S = 30.0  # how often a long task reports its latest log line
+HEARTBEAT_S = 30.0  # how often a long task without new progress says it is still running
 # a task being cancelled or past its timeout gets SIGTERM and this long to end its MLflow run, stop
 # what it started and remove its staging, before SIGKILL
 KILL_GRACE_S = 10.0
@@ -200,19 +201,18 @@ def _summary(values: dict[str, Any], width: int = 60) -> str:
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    text = _ANSI.sub("", path.read_text(errors="replace")).splitlines() if path.exists() else []
     errors = [ln for ln in text if ": error: " in ln]  # the lakevision CLI's own one-line error
     return errors[-1] if errors else "\n".join(ln for ln in text[-lines:] if ln.strip())
 
 
-def _last_line(path: Path, width: int = 110) -> str:
-    """The newest line of a log, progress bars included (they redraw with carriage returns)."""
+def _latest_progress(path: Path, width: int = 110) -> str | None:
+    """The task's newest progress line (:mod:`lakevision.progress`) in the log's tail."""
     with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - 4096))
+        f.seek(max(0, path.stat().st_size - 16384))
         tail = f.read().decode(errors="replace")
-    tail = _ANSI.sub("", tail)  # Ray colours its worker prefixes
-    lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
-    return lines[-1][:width] if lines else ""
+    line = progress.latest(_ANSI.sub("", tail))  # Ray colours its worker prefixes
+    return line[:width] if line else None
 
 
 class LocalJobRunner:
@@ -347,7 +347,7 @@ class LocalJobRunner:
         SIGKILL after KILL_GRACE_S); reports the log's latest line every HEARTBEAT_S so a long task
         shows it is alive. Ctrl-C and SIGTERM leave through :meth:`run`, which stops the task."""
         started = time.monotonic()
-        beat = started
+        beat, shown = started, None
         while True:
             try:
                 return proc.wait(timeout=1.0)
@@ -357,11 +357,12 @@ class LocalJobRunner:
                     kill_tree(proc.pid, KILL_GRACE_S, marker)
                     proc.wait()
                     return None
-                if now - beat >= HEARTBEAT_S:
-                    beat = now
-                    last = _last_line(log)
+                latest = _latest_progress(log)
+                if latest != shown or now - beat >= HEARTBEAT_S:
+                    # a new progress line at once; otherwise a sign of life, never a library's warning
+                    beat, shown = now, latest
                     self._report("running", TaskRun(result.task_key, "RUNNING", seconds=round(now - started, 1),
-                                                    message=last), 0, 0)
+                                                    message=latest or "running"), 0, 0)
 
     def _run_condition(self, task: dict, ctx: dict) -> TaskRun:
         c = task["condition_task"]
