@@ -300,3 +300,16 @@ def test_drift_report_is_json(reference):
     data = json.loads(json.dumps(report.to_dict()))
     assert data["drifted"] and "brightness" in data["drifted_features"] and data["embedding"] is None
     assert set(data["features"]["brightness"]) == {"psi", "ks_statistic", "ks_p_value", "p_adjusted", "drifted"}
+
+
+@pytest.mark.parametrize(("task", "arch"), [("detection", "fasterrcnn_resnet18_fpn"),
+                                            ("segmentation", "maskrcnn_resnet18_fpn")])
+def test_a_detectors_reference_records_equal_its_served_ones(task, arch):
+    """The reference profile skips the box heads; its records must be the ones serving returns."""
+    torch.manual_seed(0)
+    served = _served(build_model(task, arch, 3, "none", 64).eval(), task)
+    images = _stream(17, 3)
+    reference, answered = served.feature_records(images), served.predict_with_features(images)[1]
+    for ref, ans in zip(reference, answered):
+        assert {k: v for k, v in ref.items() if k != EMBEDDING_KEY} == {k: v for k, v in ans.items() if k != EMBEDDING_KEY}
+        assert np.allclose(ref[EMBEDDING_KEY], ans[EMBEDDING_KEY], rtol=1e-4, atol=1e-5)
