@@ -31,7 +31,8 @@ def _cli(*args: str, cwd=None) -> tuple[str, str]:
     (["--defect", "too_small=0"], "lakevision generate: error: argument --defect: must be at least 1, got 0"),
     (["--defect", "nope"], "lakevision generate: error: --defect nope: unknown code; known: missing_file, "
                            "undecodable, too_small, too_large, size_mismatch, unknown_image, unknown_category, "
-                           "bbox_out_of_bounds, invalid_bbox, duplicate_id"),
+                           "bbox_out_of_bounds, invalid_bbox, duplicate_id, unsafe_file, invalid_value, "
+                           "invalid_segmentation"),
     (["--images", "-3"], "lakevision generate: error: argument --images: must be at least 1, got -3"),
     (["--images", "many"], "lakevision generate: error: argument --images: invalid positive_int value: 'many'"),
 ])

@@ -173,6 +173,10 @@ def test_failed_and_dead_runs_end_as_the_jobs_api_reports_them(jobs_workspace, t
     assert "bad input" in failed.state.state_message
     killed = w.jobs.run_now(job_id=JOB_ID, job_parameters={"sleep": "60"}).run_id
     pid = json.loads((tmp_path / "root" / "runs" / "j" / str(killed) / "launch.json").read_text())["pid"]
+    # between its fork and its exec the runner's command line is still its parent's
+    deadline = time.monotonic() + 10
+    while pid not in _run_processes(tmp_path / "root") and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert pid in _run_processes(tmp_path / "root")
     kill_group(pid, grace_s=0)  # the runner dies without writing its result
     dead = _wait_ended(w, killed, timeout_s=10)

@@ -269,12 +269,28 @@ def response_columns(spec: ServingSpec) -> list[str]:
     return columns + ([FEATURES_COLUMN] if spec.feature_output else [])
 
 
-def feature_record(image: np.ndarray, embedding: np.ndarray, size: tuple[int, int] | None = None) -> dict[str, Any]:
+def _at_scale(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` box-filtered down so its shorter side is ``side`` (unchanged when it is smaller).
+    Sharpness depends on scale: measured at one scale, a JPEG decoded at 1/4 and the same picture
+    sent as a PNG give the same statistics, and the reference matches the traffic."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if min(h, w) <= side:
+        return image
+    scale = side / min(h, w)
+    size = (max(MIN_IMAGE_SIDE, round(w * scale)), max(MIN_IMAGE_SIDE, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def feature_record(image: np.ndarray, embedding: np.ndarray, size: tuple[int, int] | None = None,
+                   side: int | None = None) -> dict[str, Any]:
     """One image's statistics and embedding, rounded: a few hundred bytes of JSON. ``size`` is
-    the file's own (width, height) when ``image`` was decoded at a reduced scale."""
+    the file's own (width, height) when ``image`` was decoded at a reduced scale; ``side`` the
+    scale the statistics are measured at (the model's input size)."""
     from lakevision.data.image_profile import image_features
 
-    features = image_features(image)
+    features = image_features(image if side is None else _at_scale(image, side))
     if size is not None:
         features.update(width=float(size[0]), height=float(size[1]), aspect_ratio=size[0] / size[1])
     record: dict[str, Any] = {k: float(f"{v:.6g}") for k, v in features.items()}
@@ -325,7 +341,8 @@ class ImageModel:
         decoded = [im if isinstance(im, DecodedImage) else DecodedImage(im, im.shape[1], im.shape[0]) for im in images]
         with EmbeddingRecorder(self.model) as recorder:
             raw = raw_outputs(self.model, [d.array for d in decoded], self.spec)
-        return raw, [feature_record(d.array, e, (d.width, d.height)) for d, e in zip(decoded, recorder.rows)]
+        return raw, [feature_record(d.array, e, (d.width, d.height), self.spec.image_size)
+                     for d, e in zip(decoded, recorder.rows)]
 
     def profile(self, images: list[bytes] | list[np.ndarray], batch_size: int = 16):
         """The reference profile of images: the records the served model returns for them. Image
@@ -360,7 +377,8 @@ class ImageModel:
             for x in preprocess([d.array for d in decoded], self.spec):  # one at a time, as served
                 batch, _ = self.model.transform([x.to(device)])
                 self.model.backbone.body(batch.tensors)
-        return [feature_record(d.array, e, (d.width, d.height)) for d, e in zip(decoded, recorder.rows)]
+        return [feature_record(d.array, e, (d.width, d.height), self.spec.image_size)
+                for d, e in zip(decoded, recorder.rows)]
 
     def predict_frame(self, frame):
         import pandas as pd
