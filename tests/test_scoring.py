@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 
@@ -26,10 +27,10 @@ from lakevision.packaging.batch import byte_batches, cached_model
 from lakevision.packaging.pyfunc import IMAGE_COLUMN, load_image_model
 from lakevision.registry.model_registry import CHAMPION, ModelRegistry
 from lakevision.runtime import Runtime, TableRef
-from lakevision.scoring.score import SCORE_COLUMNS, run_scoring
+from lakevision.scoring.score import SCORE_COLUMNS, ScoringError, run_scoring
 
 from .conftest import CONFIG_DIR, REPO
-from .models import log_trained_model
+from .models import log_trained_model, log_unsendable_model
 from .processes import owned, run
 
 # the names the local target gives the tables and the model, as the runner's tasks see them
@@ -63,6 +64,16 @@ def test_concurrent_tasks_load_a_model_once():
     for t in threads:
         t.join()
     assert len(loads) == 1 and len({id(m.model) for m in got}) == 1 and len({m.token for m in got}) == 1
+
+
+def test_torch_threads_per_task_never_oversubscribe_a_core(monkeypatch):
+    from lakevision.packaging import batch
+
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: 8)
+    assert batch._auto_threads("cpu", None, concurrent_tasks=8) == 1  # Sail: 8 tasks at once on 8 cores
+    assert batch._auto_threads("cpu", None, concurrent_tasks=2) == 4
+    assert batch._auto_threads("cpu", 2, concurrent_tasks=8) == 2  # a cluster: spark.task.cpus says
+    assert batch.concurrent_tasks(3) == 3 and batch.concurrent_tasks(20) == 8
 
 
 # ------------------------------------------------------------------ scoring on Sail
@@ -105,14 +116,15 @@ def test_scores_once_per_model_version(scoring):
     rows = _scores(rt)
     assert sorted(rows.columns) == sorted(SCORE_COLUMNS) and len(rows) == IMAGES
     assert rows["error"].isna().all() and rows["inference_ms"].gt(0).all()
-    # the prediction is the served model's answer to the same file
-    row = rows.iloc[0]
-    served = load_image_model(f"models:/{MODEL}/1").predict_frame(
-        pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(Path(row["path"]).read_bytes()).decode()]}))
-    answer, stored = served.iloc[0].to_dict(), json.loads(row["prediction"])
-    assert stored.keys() == answer.keys() and stored["label"] == answer["label"]
-    assert stored["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-6)
-    assert stored["features"]["embedding"] == pytest.approx(answer["features"]["embedding"], rel=1e-3, abs=1e-4)
+    # each prediction is the served model's answer to the same file, though two tasks shared the model
+    served = load_image_model(f"models:/{MODEL}/1")
+    for _, row in rows.iterrows():
+        answer = served.predict_frame(pd.DataFrame(
+            {IMAGE_COLUMN: [base64.b64encode(Path(row["path"]).read_bytes()).decode()]})).iloc[0].to_dict()
+        stored = json.loads(row["prediction"])
+        assert stored.keys() == answer.keys() and stored["label"] == answer["label"]
+        assert stored["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-6)
+        assert stored["features"]["embedding"] == pytest.approx(answer["features"]["embedding"], rel=1e-3, abs=1e-4)
 
     again = run_scoring(rt)
     assert (again.scored, again.skipped, again.output["version"]) == (0, IMAGES, first.output["version"])
@@ -156,6 +168,9 @@ def test_a_bad_image_is_an_error_row_and_a_bad_table_names_the_field(scoring, tm
     delta.overwrite(rt.spark, rt.spark.createDataFrame(repeated, "id long, path string"), TableRef("inputs", path=table))
     with pytest.raises(DataError, match=r"inputs@v1: id 7 is on 2 rows; image ids must be unique"):
         run_scoring(rt, input_table=table)
+    mlflow.set_tracking_uri(rt.tracking_uri)
+    with pytest.raises(ScoringError, match=r"is not a lakevision serving model \(it has no serving_spec.json\)"):
+        run_scoring(rt, model=log_unsendable_model(), output_table="never")
 
 
 def _cli_env() -> dict:

@@ -34,6 +34,7 @@ from lakevision import delta
 from lakevision.errors import DataError, LakevisionError
 from lakevision.packaging.batch import (TaskResources, byte_batches, cached_model, concurrent_tasks,
                                         default_partitions, file_size, read_file, stage_model, worker_process)
+from lakevision.packaging.pyfunc import SPEC_FILE
 from lakevision.runtime import Runtime, TableRef
 
 if TYPE_CHECKING:
@@ -324,6 +325,9 @@ def _score_rounds(rt: Runtime, target: ModelToScore, pending: DataFrame, n: int,
 
     settings = rt.config.deployment.scoring
     model_dir = stage_model(target.uri, rt.storage("models"))
+    if not any(model_dir.rglob(SPEC_FILE)):
+        raise ScoringError(f"{target.uri} is not a lakevision serving model (it has no {SPEC_FILE}); the score job "
+                           "runs the pyfunc the train job logs")
     rounds = math.ceil(n / settings.round_images)
     parts = max(1, min(default_partitions(rt.spark, partitions), math.ceil(n / rounds)))
     scorer = ScorePartition(target, str(model_dir), settings.batch_bytes, settings.batch_size,
