@@ -5,6 +5,7 @@ detector three ways, each in a fresh child process so that model loads and peak 
 
 - ``loop``: one process reads each file and calls the registered pyfunc's ``predict`` with the base64
   image, as a client of the served model would, with torch's default threads (all cores);
+  ``loop-t1`` the same on one torch thread;
 - ``spark-2`` / ``spark-1``: ``run_scoring`` (the score job's library call) with 2 or 1 partitions into
   a fresh output table: the model staged, loaded once per worker process, files read on the
   workers in byte-sized batches, one MERGE. Torch threads per task follow the job's rule (cores /
@@ -98,14 +99,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_loop(root: Path) -> dict:
-    """One process: the pyfunc's predict per image, in the images table's order."""
+def child_loop(root: Path, threads: int = 0) -> dict:
+    """One process: the pyfunc's predict per image, in the images table's order (torch's default
+    threads, or ``threads``)."""
     import base64
 
     import mlflow
     import pandas as pd
     import torch
     from deltalake import DeltaTable
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from lakevision.packaging.pyfunc import IMAGE_COLUMN, load_pyfunc
     from lakevision.runtime import LocalLayout
@@ -174,8 +179,10 @@ def main() -> None:
         root = Path(args.root)
         # spark-P: P partitions, threads per task by the job's rule; spark-P-tN: N torch threads per task
         mode = args.child.split("-")
-        out = child_loop(root) if mode[0] == "loop" else child_spark(
-            root, int(mode[1]), int(mode[2][1:]) if len(mode) > 2 else 0)
+        if mode[0] == "loop":  # loop, loop-tN
+            out = child_loop(root, int(mode[1][1:]) if len(mode) > 1 else 0)
+        else:
+            out = child_spark(root, int(mode[1]), int(mode[2][1:]) if len(mode) > 2 else 0)
         print(json.dumps(out))
         return
     root = prepare(args.images, args.tracking_uri, args.model_uri)
@@ -185,7 +192,7 @@ def main() -> None:
         results[mode] = r = _run_child(mode, root)
         r["images_per_s"] = r["images"] / r["seconds"]
         print(f"{mode:8} {json.dumps(r)}", flush=True)
-    base = results.get("loop")
+    base = results.get("loop") or next((r for m, r in results.items() if m.startswith("loop")), None)
     print("\n| mode | images | seconds | images/s | vs loop | model loads | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|")
     for mode, r in results.items():
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
