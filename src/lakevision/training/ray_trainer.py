@@ -74,7 +74,8 @@ def epoch_line(trainer, epoch: int, metrics: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def _loaders(cfg: dict):
+def make_loaders(cfg: dict):
+    """The train and val DataLoaders of one worker (shuffled train, augmented as configured)."""
     from torch.utils.data import DataLoader
 
     task, data, semantic = cfg["task"], cfg["data"], cfg["semantic"]
@@ -94,6 +95,22 @@ def _loaders(cfg: dict):
     return make(train, True), make(val, False)
 
 
+def use_scratch_dir(path: str) -> None:
+    """Lightning stages each epoch's checkpoint (RayTrainReportCallback: lightning_checkpoints-*)
+    and Ray downloads a checkpoint to resume from (checkpoint_tmp_*) in tempfile.gettempdir():
+    this moves them under the run's storage, where the driver removes them, a killed worker's too.
+    Called in the worker's own actor process, gone after training."""
+    from multiprocessing import util
+
+    # multiprocessing makes its folder in the temp dir on first use and binds AF_UNIX sockets there
+    # (DataLoader workers pass tensors through them): under a deep storage path the socket path
+    # passes the 107-byte limit and the loader fails ("AF_UNIX path too long"). Made now, it stays
+    # in the short system temp, and the loader processes forked later inherit it.
+    util.get_temp_dir()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = path
+
+
 def train_loop_per_worker(cfg: dict) -> dict:
     """Runs in every Ray Train worker."""
     import ray.train
@@ -103,14 +120,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
     opt = cfg["optimization"]
     if cfg.get("scratch_dir"):
-        # Lightning stages each epoch's checkpoint (RayTrainReportCallback: lightning_checkpoints-*)
-        # and Ray downloads a checkpoint to resume from (checkpoint_tmp_*) in tempfile.gettempdir():
-        # under the run's storage instead, where the driver removes them, a killed worker's too.
-        # This process is the worker's own actor, gone after training.
-        Path(cfg["scratch_dir"]).mkdir(parents=True, exist_ok=True)
-        tempfile.tempdir = cfg["scratch_dir"]
+        use_scratch_dir(cfg["scratch_dir"])
     module = copy.deepcopy(cfg["module"])
-    train_loader, val_loader = _loaders(cfg)
+    train_loader, val_loader = make_loaders(cfg)
     precision = opt["precision"]
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
