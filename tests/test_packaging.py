@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import mlflow
@@ -212,3 +213,18 @@ def test_weights_load_without_running_pickled_code(tmp_path):
     save_weights(build_model("classification", "resnet18", 5, "none"), tmp_path / "other.pt")
     with pytest.raises(ModelLoadError, match="do not fit resnet18 with 3 classes: .*fc.bias"):
         load_weights(tmp_path / "other.pt", spec)
+
+
+def test_a_detector_predicts_with_the_proposal_budget_it_was_trained_with(tmp_path):
+    from lakevision.packaging.pyfunc import load_weights, save_weights
+
+    trained = build_model("detection", "fasterrcnn_resnet18_fpn", 4, "none", 128, rpn_proposals=200)
+    assert trained.rpn._post_nms_top_n == {"training": 200, "testing": 200}
+    save_weights(trained, tmp_path / "model.pt")
+    spec = ServingSpec("detection", False, 128, *CATS, architecture="fasterrcnn_resnet18_fpn", rpn_proposals=200)
+    served = load_weights(tmp_path / "model.pt", ServingSpec.from_json(spec.to_json()))
+    assert served.rpn._post_nms_top_n["testing"] == 200 and served.rpn._pre_nms_top_n["testing"] == 400
+    # a spec written before the budget was recorded predicts as torchvision does
+    old = json.loads(spec.to_json())
+    del old["rpn_proposals"]
+    assert load_weights(tmp_path / "model.pt", ServingSpec(**old)).rpn._post_nms_top_n["testing"] == 1000

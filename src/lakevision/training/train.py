@@ -163,4 +163,5 @@ def serving_spec(rt: Runtime, task: str, arch: str, semantic: bool, train: Split
                        category_ids=train.category_ids, category_names=train.category_names,
                        score_threshold=serving.score_threshold, mask_threshold=serving.mask_threshold,
                        max_image_pixels=serving.max_image_pixels, max_batch_size=serving.max_batch_size,
-                       architecture=arch, feature_output=serving.feature_output)
+                       architecture=arch, feature_output=serving.feature_output,
+                       rpn_proposals=rt.config.training.model.rpn_proposals)
