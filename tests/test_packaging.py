@@ -215,16 +215,33 @@ def test_weights_load_without_running_pickled_code(tmp_path):
         load_weights(tmp_path / "other.pt", spec)
 
 
-def test_a_detector_predicts_with_the_proposal_budget_it_was_trained_with(tmp_path):
-    from lakevision.packaging.pyfunc import load_weights, save_weights
+def test_a_detector_predicts_with_the_proposal_budget_and_box_head_it_was_trained_with(tmp_path):
+    from lakevision.packaging.pyfunc import ModelLoadError, load_weights, save_weights
 
-    trained = build_model("detection", "fasterrcnn_resnet18_fpn", 4, "none", 128, rpn_proposals=200)
+    trained = build_model("detection", "fasterrcnn_resnet18_fpn", 4, "none", 128, rpn_proposals=200,
+                          box_head_size=256)
     assert trained.rpn._post_nms_top_n == {"training": 200, "testing": 200}
+    assert trained.roi_heads.box_head.fc7.out_features == 256
     save_weights(trained, tmp_path / "model.pt")
-    spec = ServingSpec("detection", False, 128, *CATS, architecture="fasterrcnn_resnet18_fpn", rpn_proposals=200)
+    spec = ServingSpec("detection", False, 128, *CATS, architecture="fasterrcnn_resnet18_fpn", rpn_proposals=200,
+                       box_head_size=256)
     served = load_weights(tmp_path / "model.pt", ServingSpec.from_json(spec.to_json()))
     assert served.rpn._post_nms_top_n["testing"] == 200 and served.rpn._pre_nms_top_n["testing"] == 400
-    # a spec written before the budget was recorded predicts as torchvision does
+    x = [torch.rand(3, 96, 128)]
+    with torch.inference_mode():
+        assert torch.equal(served.eval()(x)[0]["boxes"], trained.eval()(x)[0]["boxes"])
+    # a spec written before these were recorded builds torchvision's: a 256-wide head does not fit it
     old = json.loads(spec.to_json())
-    del old["rpn_proposals"]
-    assert load_weights(tmp_path / "model.pt", ServingSpec(**old)).rpn._post_nms_top_n["testing"] == 1000
+    del old["rpn_proposals"], old["box_head_size"]
+    with pytest.raises(ModelLoadError, match="do not fit fasterrcnn_resnet18_fpn"):
+        load_weights(tmp_path / "model.pt", ServingSpec(**old))
+    save_weights(build_model("detection", "fasterrcnn_resnet18_fpn", 4, "none", 128), tmp_path / "wide.pt")
+    assert load_weights(tmp_path / "wide.pt", ServingSpec(**old)).rpn._post_nms_top_n["testing"] == 1000
+
+
+def test_box_head_size_refuses_a_head_it_cannot_resize():
+    with pytest.raises(ValueError, match="fasterrcnn_resnet50_fpn_v2's box head is a FastRCNNConvFCHead"):
+        build_model("detection", "fasterrcnn_resnet50_fpn_v2", 4, "none", 128, box_head_size=256)
+    segmenter = build_model("segmentation", "maskrcnn_resnet18_fpn", 4, "none", 128, box_head_size=128)
+    assert segmenter.roi_heads.box_predictor.cls_score.in_features == 128
+

@@ -83,6 +83,8 @@ class ModelSettings(_Strict):
     # images; a few objects per image need far fewer, and a CPU step is then ~4x faster.
     rois_per_image: int = Field(128, gt=0)
     rpn_proposals: int = Field(300, gt=0)
+    box_head_size: int = Field(1024, gt=0, description="R-CNN box head width (torchvision's 1024; "
+                                                        "two-layer MLP heads only)")
 
 
 class TrainData(_Strict):

@@ -15,6 +15,7 @@ from torch import nn
 from lakevision.errors import LakevisionError
 
 _DOWNLOAD_TIMEOUT_S = 10
+TORCHVISION_BOX_HEAD = 1024  # R-CNN box head width torchvision builds (TwoMLPHead representation_size)
 
 
 class WeightsUnavailableError(LakevisionError, RuntimeError):
@@ -77,8 +78,26 @@ def _rcnn_budget(rois_per_image: int, rpn_proposals: int) -> dict:
             "rpn_pre_nms_top_n_test": 2 * rpn_proposals}
 
 
+def _box_head(model: nn.Module, name: str, num_classes: int, size: int) -> nn.Module:
+    """The R-CNN's box head at ``size`` wide with a new predictor; unchanged at torchvision's 1,024.
+    On CPU the head's first layer (12544 x 1024 per RoI) cost more than the ResNet-18 backbone:
+    at 256 wide a 160 px training step took 0.79 s instead of 1.16 s (benchmarks/RESULTS.md)."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+    head = model.roi_heads.box_head
+    if size == TORCHVISION_BOX_HEAD:
+        return model
+    if not isinstance(head, TwoMLPHead):
+        raise ValueError(f"box_head_size {size}: {name}'s box head is a {type(head).__name__}, not the two-layer "
+                         f"MLP it sets; keep {TORCHVISION_BOX_HEAD} for it")
+    model.roi_heads.box_head = TwoMLPHead(head.fc6.in_features, size)
+    model.roi_heads.box_predictor = FastRCNNPredictor(size, num_classes)
+    return model
+
+
 def detection_model(name: str, num_classes: int, weights: str = "none", image_size: int = 320,
-                    rois_per_image: int = 512, rpn_proposals: int = 2000) -> nn.Module:
+                    rois_per_image: int = 512, rpn_proposals: int = 2000,
+                    box_head_size: int = TORCHVISION_BOX_HEAD) -> nn.Module:
     """``num_classes`` counts the background. The model resizes inputs to ``image_size``."""
     from torchvision.models import detection as det
 
@@ -87,16 +106,19 @@ def detection_model(name: str, num_classes: int, weights: str = "none", image_si
         size.update(_rcnn_budget(rois_per_image, rpn_proposals))
     if name == "fasterrcnn_resnet18_fpn":
         backbone, anchors = _resnet18_fpn(weights)
-        return det.FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **size)
+        model = det.FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **size)
+        return _box_head(model, name, num_classes, box_head_size)
     builder = getattr(det, name)
     if weights == "none":
-        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **size)
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **size)
+        return _box_head(model, name, num_classes, box_head_size) if name.startswith("fasterrcnn") else model
     model = _fetch(builder, name, **size)
     if name.startswith("fasterrcnn"):
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
         in_features = model.roi_heads.box_predictor.cls_score.in_features
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+        return _box_head(model, name, num_classes, box_head_size)
     elif name.startswith("retinanet"):
         from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
@@ -108,7 +130,8 @@ def detection_model(name: str, num_classes: int, weights: str = "none", image_si
 
 
 def segmentation_model(name: str, num_classes: int, weights: str = "none", image_size: int = 320,
-                       rois_per_image: int = 512, rpn_proposals: int = 2000) -> nn.Module:
+                       rois_per_image: int = 512, rpn_proposals: int = 2000,
+                       box_head_size: int = TORCHVISION_BOX_HEAD) -> nn.Module:
     """Mask R-CNN (instances) or DeepLabV3 (semantic); ``num_classes`` counts the background."""
     if name.startswith("maskrcnn"):
         from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
@@ -118,13 +141,16 @@ def segmentation_model(name: str, num_classes: int, weights: str = "none", image
         size = {"min_size": image_size, "max_size": image_size, **_rcnn_budget(rois_per_image, rpn_proposals)}
         if name == "maskrcnn_resnet18_fpn":
             backbone, anchors = _resnet18_fpn(weights)
-            return MaskRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **size)
-        if weights == "none":
-            return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **size)
-        model = _fetch(maskrcnn_resnet50_fpn, name, **size)
-        model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, num_classes)
-        model.roi_heads.mask_predictor = MaskRCNNPredictor(model.roi_heads.mask_predictor.conv5_mask.in_channels, 256, num_classes)
-        return model
+            model = MaskRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **size)
+        elif weights == "none":
+            model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **size)
+        else:
+            model = _fetch(maskrcnn_resnet50_fpn, name, **size)
+            model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features,
+                                                              num_classes)
+            model.roi_heads.mask_predictor = MaskRCNNPredictor(model.roi_heads.mask_predictor.conv5_mask.in_channels,
+                                                               256, num_classes)
+        return _box_head(model, name, num_classes, box_head_size)
     from torchvision.models import segmentation as seg
 
     builder = getattr(seg, name)
@@ -136,11 +162,13 @@ def segmentation_model(name: str, num_classes: int, weights: str = "none", image
 
 
 def build_model(task: str, name: str, num_classes: int, weights: str = "none", image_size: int = 320,
-                rois_per_image: int = 512, rpn_proposals: int = 2000) -> nn.Module:
+                rois_per_image: int = 512, rpn_proposals: int = 2000,
+                box_head_size: int = TORCHVISION_BOX_HEAD) -> nn.Module:
     if task == "classification":
         return classification_model(name, num_classes, weights)
     if task == "detection":
-        return detection_model(name, num_classes, weights, image_size, rois_per_image, rpn_proposals)
+        return detection_model(name, num_classes, weights, image_size, rois_per_image, rpn_proposals, box_head_size)
     if task == "segmentation":
-        return segmentation_model(name, num_classes, weights, image_size, rois_per_image, rpn_proposals)
+        return segmentation_model(name, num_classes, weights, image_size, rois_per_image, rpn_proposals,
+                                  box_head_size)
     raise ValueError(f"unknown task {task!r}")

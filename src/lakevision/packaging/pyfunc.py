@@ -65,8 +65,9 @@ class ServingSpec:
     # a compact record per image (its statistics and embedding) in the response, so drift can be
     # measured from the inference table even when the request is too big to be logged
     feature_output: bool = True
-    # R-CNN proposals kept per image, as in training (torchvision's 1,000 for specs written before)
+    # the R-CNN's proposals per image and box head width, as trained (torchvision's for specs written before)
     rpn_proposals: int = 1000
+    box_head_size: int = 1024
 
     @property
     def instance(self) -> bool:
@@ -430,7 +431,7 @@ def load_weights(path: str | Path, spec: ServingSpec) -> torch.nn.Module:
         raise ModelLoadError(f"{path}: not a lakevision weights file (format {WEIGHTS_FORMAT}); a model logged "
                              "before weights-only files must be logged again")
     model = build_model(spec.task, spec.architecture, _num_classes(spec), "none", spec.image_size,
-                        rpn_proposals=spec.rpn_proposals)
+                        rpn_proposals=spec.rpn_proposals, box_head_size=spec.box_head_size)
     try:
         missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
     except (RuntimeError, TypeError, AttributeError) as exc:  # shapes that differ, or not a state dict

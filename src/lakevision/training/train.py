@@ -77,7 +77,8 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
     semantic = is_semantic(arch)
     num_classes = len(train.category_ids) + (0 if task == "classification" else 1)
     m = settings.model
-    model = build_model(task, arch, num_classes, m.weights, settings.data.image_size, m.rois_per_image, m.rpn_proposals)
+    model = build_model(task, arch, num_classes, m.weights, settings.data.image_size, m.rois_per_image, m.rpn_proposals,
+                        m.box_head_size)
     module = BaseModel(model, settings.model.learning_rate, settings.model.weight_decay, task,
                        num_classes=num_classes, semantic=semantic,
                        warmup_epochs=settings.optimization.warmup_epochs,
@@ -164,4 +165,5 @@ def serving_spec(rt: Runtime, task: str, arch: str, semantic: bool, train: Split
                        score_threshold=serving.score_threshold, mask_threshold=serving.mask_threshold,
                        max_image_pixels=serving.max_image_pixels, max_batch_size=serving.max_batch_size,
                        architecture=arch, feature_output=serving.feature_output,
-                       rpn_proposals=rt.config.training.model.rpn_proposals)
+                       rpn_proposals=rt.config.training.model.rpn_proposals,
+                       box_head_size=rt.config.training.model.box_head_size)
