@@ -74,7 +74,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lakevision.packaging.pyfunc import encode_image
+from lakevision.packaging.wire import encode_image
 from lakevision.serving.client import workspace_connection
 from lakevision.serving.model_server import ModelServer
 from lakevision.data.samples import load_split

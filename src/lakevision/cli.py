@@ -98,7 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from lakevision.demo import query_endpoint
-    from lakevision.packaging.pyfunc import FEATURES_COLUMN
+    from lakevision.packaging.wire import FEATURES_COLUMN
     from lakevision.runtime import local_root
 
     answers = query_endpoint(local_root(args.root).resolve(), args.endpoint, [Path(p) for p in args.images], args.host)

@@ -61,7 +61,7 @@ def monitoring_window(window_minutes: float, delay_minutes: float, now: dt.datet
 
 def request_images(request_json: str) -> list[str]:
     """The base64 images of one logged request body, whichever MLflow input format it used."""
-    from lakevision.packaging.pyfunc import IMAGE_COLUMN
+    from lakevision.packaging.wire import IMAGE_COLUMN
 
     body = json.loads(request_json)
     if "dataframe_records" in body:

@@ -27,12 +27,10 @@ import numpy as np
 import torch
 
 from lakevision.errors import LakevisionError
+from lakevision.packaging.wire import EMBEDDING_KEY, FEATURES_COLUMN, IMAGE_COLUMN, encode_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_COLUMN = "image"
-FEATURES_COLUMN = "features"  # the per-image feature record of a response (ServingSpec.feature_output)
-EMBEDDING_KEY = "embedding"
 MIN_IMAGE_SIDE = 3  # the image statistics' sharpness needs a 3x3 neighbourhood
 # what the served model opens; PIL would try every format it knows (TIFF, ICO, PSD, EPS, ...)
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -86,11 +84,6 @@ def bad_request(message: str) -> Exception:
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-def encode_image(data: bytes) -> str:
-    """What a client sends: the file's bytes, base64-encoded."""
-    return base64.b64encode(data).decode("ascii")
 
 
 def _image_bytes(text: Any, row: int) -> bytes:

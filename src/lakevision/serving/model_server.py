@@ -240,7 +240,7 @@ class ModelServer:
 
     def query(self, endpoint_name: str, images_b64: list[str]):
         """One request through the SDK's query call; returns (predictions, served entity name)."""
-        from lakevision.packaging.pyfunc import IMAGE_COLUMN
+        from lakevision.packaging.wire import IMAGE_COLUMN
 
         resp = self.client.serving_endpoints.query(endpoint_name,
                                                    dataframe_records=[{IMAGE_COLUMN: b} for b in images_b64])
@@ -250,7 +250,7 @@ class ModelServer:
         """One request to one served entity of the endpoint, whatever the traffic split says
         (``/serving-endpoints/{name}/served-models/{served}/invocations``, which the SDK has no
         method for): a canary check must reach the version it checks."""
-        from lakevision.packaging.pyfunc import IMAGE_COLUMN
+        from lakevision.packaging.wire import IMAGE_COLUMN
 
         body = {"dataframe_records": [{IMAGE_COLUMN: b} for b in images_b64]}
         resp = self.client.api_client.do("POST", f"/serving-endpoints/{endpoint_name}/served-models/{served_entity}"

@@ -53,7 +53,7 @@ class DeploymentPipeline:
         """Test-split images of the gold table, base64 as a caller sends them."""
         from pathlib import Path
 
-        from lakevision.packaging.pyfunc import encode_image
+        from lakevision.packaging.wire import encode_image
         from lakevision.data.samples import load_split
 
         paths = load_split(self.rt, "test").image_paths[:_SMOKE_IMAGES]
