@@ -5,6 +5,7 @@ Usage:
   python benchmarks/training.py loading  [--images 400] [--workers 2]
   python benchmarks/training.py throughput [--steps 6]
   python benchmarks/training.py quality  [--minutes 5] [--images 400]
+  python benchmarks/training.py ray-overhead [--images 240] [--epochs 2]
 Generated data is cached under benchmarks/.data.
 """
 
@@ -140,6 +141,89 @@ def bench_quality(minutes: float, n: int) -> None:
           f"(best {result['best_metric']['value']:.3f}), val mAP {m.get('val_map', float('nan')):.3f} (goal mAP@0.5 >= 0.5)")
 
 
+def _splits(n: int):
+    """SplitRecords of generated data, 80% train and 20% val, as the train job hands them to workers."""
+    from lakevision.data.samples import SplitRecords
+
+    out, paths, records = _dataset(n, (160, 320), seed=7)
+    cats = json.loads((out / "annotations" / "instances.json").read_text())["categories"]
+    ids, names = [c["id"] for c in cats], [c["name"] for c in cats]
+    cut = int(0.8 * n)
+
+    def split(sl: slice, name: str) -> SplitRecords:
+        return SplitRecords(paths[sl], records[sl], ids, names, f"bench.{name}", 0)
+
+    return split(slice(0, cut), "train"), split(slice(cut, n), "val")
+
+
+def bench_ray_overhead(n: int, epochs: int, batch: int) -> None:
+    """RayTrainer with 2 CPU workers (batch ``batch`` each, one loader process each) against one plain
+    Lightning process on both cores (batch 2 x ``batch``, one loader process): the same images,
+    steps and validation per epoch. Compared: images/s of the last epoch (train + val, as
+    ``epoch_seconds`` measures both sides), and the fixed cost of each side's fit."""
+    import pytorch_lightning as pl
+    import torch
+
+    from lakevision.config import load_config
+    from lakevision.packaging.architectures import build_model
+    from lakevision.tracking import ExperimentTracker
+    from lakevision.training.module import BaseModel
+    from lakevision.training.ray_trainer import RayTrainer, _EpochLogger, make_loaders
+
+    train, val = _splits(n)
+    # the demo's settings (the cpu profile the local target sets), for a fixed number of epochs
+    settings = load_config(HERE.parent / "bundle" / "config", "local", [
+        f"training.data.batch_size={batch}", f"training.optimization.max_epochs={epochs}",
+        "training.optimization.max_minutes=null", "training.distributed.cluster=local",
+        "training.distributed.max_failures=0"], profile="cpu").training
+    m = settings.model
+
+    def module() -> BaseModel:
+        torch.manual_seed(0)
+        net = build_model("detection", m.architectures.detection, len(train.category_ids) + 1, "none",
+                          settings.data.image_size, m.rois_per_image, m.rpn_proposals, m.box_head_size)
+        return BaseModel(net, m.learning_rate, m.weight_decay, "detection", num_classes=len(train.category_ids) + 1,
+                         warmup_epochs=settings.optimization.warmup_epochs)
+
+    def epochs_from(path: Path) -> list[float]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [r["metrics"]["epoch_seconds"] for r in sorted(rows, key=lambda r: r["epoch"])]
+
+    tmp = Path(tempfile.mkdtemp(prefix="lv-rayovh-"))
+    # plain: the worker's Trainer settings, no strategy, one process, torch's threads on all cores
+    cfg = {"task": "detection", "semantic": False, "train": train, "val": val,
+           "data": {**settings.data.model_dump(), "batch_size": 2 * batch}}
+    plain_file = tmp / "plain.jsonl"
+    opt = settings.optimization
+    t = time.perf_counter()
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=[_EpochLogger(str(plain_file))],
+                         precision="32-true", gradient_clip_val=opt.gradient_clip_val, num_sanity_val_steps=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         logger=False)
+    trainer.fit(module(), *make_loaders(cfg))
+    plain_wall = time.perf_counter() - t
+    plain = epochs_from(plain_file)
+
+    tracking = f"sqlite:///{tmp / 'mlflow.db'}"
+    with ExperimentTracker("ray-overhead", tracking_uri=tracking, run_name="ray") as tracker:
+        t = time.perf_counter()
+        RayTrainer(module(), num_workers=2, use_gpu=False, settings=settings).train(
+            {"train": train, "val": val, "storage_path": str(tmp / "ray"), "name": "ray",
+             "tracking_uri": tracking, "run_id": tracker.run_id, "log_to_driver": False})
+        ray_wall = time.perf_counter() - t
+    ray = epochs_from(tmp / "ray" / "ray.metrics.jsonl")
+    images = len(train.image_paths) + len(val.image_paths)
+    print(f"detection {m.architectures.detection} at {settings.data.image_size} px (box head {m.box_head_size}, "
+          f"{m.rois_per_image} RoIs), {len(train.image_paths)} train + "
+          f"{len(val.image_paths)} val images, {epochs} epochs, global batch {2 * batch}, torch {torch.__version__}:")
+    for name, secs, wall in (("plain Lightning, 1 process x 2 threads", plain, plain_wall),
+                             ("RayTrainer, 2 workers x 1 thread (DDP)", ray, ray_wall)):
+        print(f"  {name}: epochs {', '.join(f'{s:.1f}' for s in secs)} s; last {images / secs[-1]:.2f} img/s; "
+              f"fit wall {wall:.1f} s, of which {wall - sum(secs):.1f} s outside epochs")
+    print(f"  RayTrainer / plain, last epoch: {plain[-1] / ray[-1]:.2f}x (goal >= 0.87x)")
+    print(f"  RayTrainer / plain, whole fit:  {plain_wall / ray_wall:.2f}x")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -151,14 +235,20 @@ def main(argv=None) -> int:
     c = sub.add_parser("quality")
     c.add_argument("--minutes", type=float, default=5.0)
     c.add_argument("--images", type=int, default=400)
+    d = sub.add_parser("ray-overhead")
+    d.add_argument("--images", type=int, default=240)
+    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--batch", type=int, default=4, help="per Ray worker; the plain process takes twice this")
     args = p.parse_args(argv)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     if args.what == "loading":
         bench_loading(args.images, args.workers)
     elif args.what == "throughput":
         bench_throughput(args.steps)
-    else:
+    elif args.what == "quality":
         bench_quality(args.minutes, args.images)
+    else:
+        bench_ray_overhead(args.images, args.epochs, args.batch)
     return 0
 
 
