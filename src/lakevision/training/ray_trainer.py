@@ -95,17 +95,21 @@ def make_loaders(cfg: dict):
     return make(train, True), make(val, False)
 
 
-def use_scratch_dir(path: str) -> None:
+def use_scratch_dir(path: str, mp_dir: str | None = None) -> None:
     """Lightning stages each epoch's checkpoint (RayTrainReportCallback: lightning_checkpoints-*)
     and Ray downloads a checkpoint to resume from (checkpoint_tmp_*) in tempfile.gettempdir():
     this moves them under the run's storage, where the driver removes them, a killed worker's too.
     Called in the worker's own actor process, gone after training."""
     from multiprocessing import util
 
-    # multiprocessing makes its folder in the temp dir on first use and binds AF_UNIX sockets there
-    # (DataLoader workers pass tensors through them): under a deep storage path the socket path
-    # passes the 107-byte limit and the loader fails ("AF_UNIX path too long"). Made now, it stays
-    # in the short system temp, and the loader processes forked later inherit it.
+    # multiprocessing makes its folder (pymp-*) in the temp dir on first use and binds AF_UNIX
+    # sockets there (DataLoader workers pass tensors through them): under a deep storage path the
+    # socket path passes the 107-byte limit and the loader fails ("AF_UNIX path too long"). Made
+    # now, it stays in ``mp_dir``, a short folder the driver removes after training (Ray kills its
+    # workers, so their own exit handlers never remove it), and the loaders forked later inherit it.
+    if mp_dir is not None:
+        Path(mp_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = mp_dir
     util.get_temp_dir()
     Path(path).mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = path
@@ -120,7 +124,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
     opt = cfg["optimization"]
     if cfg.get("scratch_dir"):
-        use_scratch_dir(cfg["scratch_dir"])
+        use_scratch_dir(cfg["scratch_dir"], cfg.get("mp_dir"))
     module = copy.deepcopy(cfg["module"])
     train_loader, val_loader = make_loaders(cfg)
     precision = opt["precision"]
@@ -204,6 +208,8 @@ class RayTrainer:
         run_id = config.get("run_id")
         metrics_file = storage / f"{name}.metrics.jsonl" if run_id else None
         scratch = storage / f"{name}.scratch"  # the workers' temp files, removed after training
+        # and their multiprocessing folders, which need a short path (a remote worker makes its own)
+        mp_dir = tempfile.mkdtemp(prefix="lvmp-")
         if metrics_file is not None:
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
         loop_cfg = {
@@ -211,6 +217,7 @@ class RayTrainer:
             "train": config["train"], "val": config["val"],
             "data": s.data.model_dump(), "optimization": s.optimization.model_dump(),
             "metrics_file": str(metrics_file) if metrics_file else None, "scratch_dir": str(scratch),
+            "mp_dir": mp_dir,
         }
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -231,6 +238,7 @@ class RayTrainer:
                 result = trainer.fit()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(mp_dir, ignore_errors=True)
         if result.error is not None:
             raise result.error
         history = self._history(result, config.get("tracking_uri"), config.get("run_id"))
