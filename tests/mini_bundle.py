@@ -26,8 +26,9 @@ if "mlflow" in args:
     import subprocess
     import mlflow
     from lakevision.jobs.base import stop_on_sigterm
+    from lakevision.tracking import local_tracking_uri
     step.enter_context(stop_on_sigterm())
-    mlflow.set_tracking_uri("sqlite:///" + os.path.join(os.environ["LAKEVISION_ROOT"], "mlflow.db"))
+    mlflow.set_tracking_uri(local_tracking_uri())  # the data root's store, as the jobs open it
     mlflow.set_experiment(args["mlflow"])
     step.enter_context(mlflow.start_run())
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

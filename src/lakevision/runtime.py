@@ -45,7 +45,10 @@ class LocalLayout:
 
     @property
     def tracking_uri(self) -> str:
-        """MLflow's tracking and registry store: a sqlite file (the plain file store is retired)."""
+        """MLflow's tracking and registry store: a sqlite file (the plain file store is retired),
+        created whole on first use."""
+        if not self.mlflow_db.exists():
+            _create_mlflow_db(self.mlflow_db, self.artifacts)
         return f"sqlite:///{self.mlflow_db}"
 
     @property
@@ -74,6 +77,23 @@ class LocalLayout:
     def workspace_lock(self) -> Path:
         """The lock one local workspace process holds on the root while it owns the endpoint records."""
         return (self.root / "workspace" / "lock").resolve()
+
+
+def _create_mlflow_db(path: Path, artifacts: Path) -> None:
+    """MLflow builds a new sqlite store in dozens of migrations, each committed on its own: a job
+    killed among them leaves a file that every later client fails to open ("duplicate column name:
+    step"). Built aside and linked into place, the store is there whole or not at all."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+    try:
+        SqlAlchemyStore(f"sqlite:///{aside}", artifacts.as_uri()).engine.dispose()
+        # link, not rename: a store another process linked meanwhile is never replaced (it may hold runs)
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 class IdentifierError(LakevisionError, ValueError):
