@@ -17,7 +17,8 @@ TRAIN = textwrap.dedent("""\
     # Databricks notebook source
     from lakevision.bundle.task_context import set_task_values
     # a run whose validation never produced its metric: no best value
-    set_task_values(run_id="r1", model_uri="models:/m-1", best_metric="val_map_50", best_value=None, data_version=0)
+    set_task_values(run_id="r1", model_uri="models:/m-1", best_metric="val_map_50", best_value=None, data_version=0,
+                    seconds={"setup": 0.1, "ray": 0.2, "fit": 0.5})
     """)
 EVALUATE = "# Databricks notebook source\nraise RuntimeError('lakevision evaluate: error: the test split is empty')\n"
 
@@ -51,8 +52,13 @@ def test_demo_reports_a_missing_best_value_and_fails_with_the_job(tmp_path):
     lines = proc.stdout.splitlines()
     assert any(line.startswith("lakevision demo: cv_pipeline FAILED in ") for line in lines), proc.stdout
     assert "MLflow run r1: models:/m-1 (best val_map_50 n/a, data version 0)" in lines
-    assert json.loads(lines[-1])["status"] == "FAILED"
+    figures = json.loads(lines[-1])
     # the sample data was written for the job, and the job got its paths
     run = json.loads(next((tmp_path / "root" / "runs" / "cv_pipeline").glob("*/run.json")).read_text())
+    tasks = {t["task_key"]: t for t in run["tasks"]}
+    # the fixed costs: the train task less the fit() it reported, evaluate's time; no query without a deploy
+    assert figures["status"] == "FAILED" and figures["test_metrics"] == {}
+    assert figures["train_overhead_s"] == round(tasks["train"]["seconds"] - 0.5, 1)
+    assert figures["evaluate_s"] == round(tasks["evaluate"]["seconds"], 1) and figures["first_query_ms"] is None
     assert run["parameters"]["annotations"] == str(tmp_path / "root" / "sample" / "annotations" / "instances.json")
     assert [(t["task_key"], t["status"]) for t in run["tasks"]] == [("train", "SUCCESS"), ("evaluate", "FAILED")]

@@ -106,6 +106,11 @@ def test_every_stage_succeeds_and_passes_its_values_on(pipeline_runs):
     # train and evaluate read the table version ingest wrote, and evaluate scored train's model
     assert train["data_version"] == evaluate["data_version"] == 0
     assert train["model_uri"].startswith("models:/") and train["task"] == "detection"
+    # the train task's own stages, Lightning's fit() (rank 0's clock) apart from Ray's share
+    seconds = train["seconds"]
+    assert list(seconds) == ["setup", "ray", "fit", "model", "exports", "reference_profile", "report"]
+    assert seconds["fit"] > 0 and seconds["ray"] > 0
+    assert sum(seconds.values()) < tasks["train"]["seconds"]
     assert evaluate["run_id"] == train["run_id"]
     # the value the task published is the one evaluate logged on train's run
     client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_runs['root'] / 'mlflow.db'}")

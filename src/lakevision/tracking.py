@@ -35,6 +35,7 @@ EVAL_KIND_TAG = "evaluation.kind"
 GATE_DECISION_TAG = "gate.decision"
 TEST_PREFIX = "test_"  # evaluate's metrics, as logged
 BEST_PREFIX = "best_"  # train's best validation value of a metric
+FIT_SECONDS_METRIC = "fit_seconds"  # train: the wall time of Lightning's fit() on rank 0 (epochs and checkpoints)
 REFERENCE_PROFILE_ARTIFACT = "monitoring/reference_profile.json"
 TRAINING_RESULT_ARTIFACT = "training_result.json"
 EVALUATION_REPORT_ARTIFACT = "evaluation/report.md"

@@ -28,7 +28,7 @@ from lakevision.tasks import task_kind
 from lakevision.data.dataset import COCODataset, worker_collate_fn
 from lakevision.data.samples import SplitRecords
 from lakevision.data.transforms import build_transform
-from lakevision.tracking import mlflow_client
+from lakevision.tracking import FIT_SECONDS_METRIC, mlflow_client
 from lakevision.training.metrics_relay import MetricsRelay, append_epoch
 from lakevision.training.ray_cluster import ray_cluster
 
@@ -162,11 +162,15 @@ def train_loop_per_worker(cfg: dict) -> dict:
         ckpt_path = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_dir else None
         if ckpt_path:
             print(f"resuming from {ckpt_path}", file=sys.stderr, flush=True)
+        started = time.monotonic()
         try:
             trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
         finally:
             # the callback stages each epoch's checkpoint in the temp folder before reporting it
             shutil.rmtree(report.tmpdir_prefix, ignore_errors=True)
+    if trainer.global_rank == 0 and cfg["metrics_file"]:
+        # what fit() itself took, epochs and their checkpoints: the driver counts the rest as Ray's
+        append_epoch(cfg["metrics_file"], trainer.current_epoch, {FIT_SECONDS_METRIC: time.monotonic() - started})
     return {"epochs": trainer.current_epoch, "resumed": ckpt_path is not None}
 
 

@@ -20,7 +20,7 @@ from lakevision.data.image_profile import ImageProfile
 from lakevision.errors import DataError
 from lakevision.runtime import Runtime
 from lakevision.tasks import is_semantic, task_kind
-from lakevision.tracking import (BEST_PREFIX, CONVERGENCE_TAG, MODEL_URI_TAG, OVERFITTING_TAG, REFERENCE_PROFILE_ARTIFACT,
+from lakevision.tracking import (BEST_PREFIX, CONVERGENCE_TAG, FIT_SECONDS_METRIC, MODEL_URI_TAG, OVERFITTING_TAG, REFERENCE_PROFILE_ARTIFACT,
                                  TASK_TAG, TRAINING_RESULT_ARTIFACT, ExperimentTracker)
 from lakevision.packaging.exports import log_exports
 from lakevision.packaging.pyfunc import ImageModel, ServingSpec, log_image_model
@@ -56,7 +56,7 @@ class TrainingResult:
     cluster: str  # where Ray ran: local or ray_on_spark
     exports: dict[str, bool]  # export format -> passed its parity check
     report: dict[str, Any]  # convergence epoch, overfitting warning
-    seconds: dict[str, float]  # wall time of each stage of the run (fit is Ray's start and fit() together)
+    seconds: dict[str, float]  # wall time of each stage of the run: setup, ray, fit, model, exports, ...
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +103,9 @@ def run_training(rt: Runtime, task: str | None = None, data_version: int | None 
                                 "run_id": tracker.run_id, "log_to_driver": log_to_driver})
         state = torch.load(result["checkpoint_path"], map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
-        clock.lap("fit")
+        # of that, Lightning's fit() (rank 0's clock: the epochs and their checkpoints); the rest is
+        # Ray's: its start, the workers' start-up and teardown, the shutdown
+        clock.lap("ray", within={"fit": sum(result["metrics_history"].get(FIT_SECONDS_METRIC, []))})
         spec = serving_spec(rt, task, arch, semantic, train)
         info = log_image_model(module.model.eval(), spec, Path(val.image_paths[0]).read_bytes())
         clock.lap("model")
@@ -141,9 +143,13 @@ class Stopwatch:
         self._last = time.monotonic()
         self.seconds: dict[str, float] = {}
 
-    def lap(self, stage: str) -> None:
+    def lap(self, stage: str, within: dict[str, float] | None = None) -> None:
+        """``within``: parts of this stage timed elsewhere, recorded under their own names after
+        it and taken out of it."""
         now = time.monotonic()
-        self.seconds[stage] = round(now - self._last, 1)
+        parts = within or {}
+        self.seconds[stage] = round(now - self._last - sum(parts.values()), 1)
+        self.seconds.update({k: round(v, 1) for k, v in parts.items()})
         self._last = now
 
 
