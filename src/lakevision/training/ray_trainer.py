@@ -212,32 +212,33 @@ class RayTrainer:
         run_id = config.get("run_id")
         metrics_file = storage / f"{name}.metrics.jsonl" if run_id else None
         scratch = storage / f"{name}.scratch"  # the workers' temp files, removed after training
-        # and their multiprocessing folders, which need a short path (a remote worker makes its own)
-        mp_dir = tempfile.mkdtemp(prefix="lvmp-")
         if metrics_file is not None:
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        loop_cfg = {
-            "module": self.model, "task": task, "semantic": semantic,
-            "train": config["train"], "val": config["val"],
-            "data": s.data.model_dump(), "optimization": s.optimization.model_dump(),
-            "metrics_file": str(metrics_file) if metrics_file else None, "scratch_dir": str(scratch),
-            "mp_dir": mp_dir,
-        }
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_cfg,
-            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                                         resources_per_worker=self.resources_per_worker),
-            run_config=RunConfig(
-                name=name,
-                storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=s.distributed.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
-                                                   checkpoint_score_order="min"),
-            ),
-        )
-        relay = MetricsRelay(metrics_file, config.get("tracking_uri"), run_id) if run_id else contextlib.nullcontext()
+        # and their multiprocessing folders, which need a short path (a remote worker makes its own)
+        mp_dir = tempfile.mkdtemp(prefix="lvmp-")
         try:
+            loop_cfg = {
+                "module": self.model, "task": task, "semantic": semantic,
+                "train": config["train"], "val": config["val"],
+                "data": s.data.model_dump(), "optimization": s.optimization.model_dump(),
+                "metrics_file": str(metrics_file) if metrics_file else None, "scratch_dir": str(scratch),
+                "mp_dir": mp_dir,
+            }
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config=loop_cfg,
+                scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                                             resources_per_worker=self.resources_per_worker),
+                run_config=RunConfig(
+                    name=name,
+                    storage_path=str(storage),
+                    failure_config=FailureConfig(max_failures=s.distributed.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
+                                                       checkpoint_score_order="min"),
+                ),
+            )
+            relay = (MetricsRelay(metrics_file, config.get("tracking_uri"), run_id) if run_id
+                     else contextlib.nullcontext())
             with ray_cluster(s.distributed, log_to_driver=config.get("log_to_driver", True)) as where, relay:
                 result = trainer.fit()
         finally:

@@ -20,8 +20,8 @@ from lakevision.data.image_profile import ImageProfile
 from lakevision.errors import DataError
 from lakevision.runtime import Runtime
 from lakevision.tasks import is_semantic, task_kind
-from lakevision.tracking import (BEST_PREFIX, CONVERGENCE_TAG, FIT_SECONDS_METRIC, MODEL_URI_TAG, OVERFITTING_TAG, REFERENCE_PROFILE_ARTIFACT,
-                                 TASK_TAG, TRAINING_RESULT_ARTIFACT, ExperimentTracker)
+from lakevision.tracking import (BEST_PREFIX, CONVERGENCE_TAG, FIT_SECONDS_METRIC, MODEL_URI_TAG, OVERFITTING_TAG,
+                                 REFERENCE_PROFILE_ARTIFACT, TASK_TAG, TRAINING_RESULT_ARTIFACT, ExperimentTracker)
 from lakevision.packaging.exports import log_exports
 from lakevision.packaging.pyfunc import ImageModel, ServingSpec, log_image_model
 from lakevision.data.images import load_rgb
