@@ -15,7 +15,11 @@ Times include loading the model in every mode (and for Spark, staging it, the an
 output table and the MERGE); not Sail's start (about a second, once per job). Printed: images/s,
 the ratio to the loop, model loads and peak RSS of each child process.
 
-Usage: python benchmarks/scoring.py [--images 2000] [--modes loop,spark-2,spark-1,spark-1-t1]
+``ops-tN`` (not in the default modes) profiles the model's own forward pass on N torch threads over
+the first 20 images and prints each operator's self time: where a second thread helps and where it
+cannot (an operator whose time does not drop runs on one thread).
+
+Usage: python benchmarks/scoring.py [--images 2000] [--modes loop,spark-2,spark-1,spark-1-t1,ops-t1,ops-t2]
                                     [--tracking-uri URI --model-uri URI]
 The model defaults to the champion `make demo` trained (the local target's registered model in
 ./.lakevision); it is copied (weights and spec) into the benchmark's own registry under
@@ -99,28 +103,34 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _image_paths(root: Path) -> list[str]:
+    """The benchmark's image files in the images table's order, with MLflow pointed at its registry."""
+    import mlflow
+    from deltalake import DeltaTable
+
+    from lakevision.runtime import LocalLayout
+
+    layout = LocalLayout(root)
+    mlflow.set_tracking_uri(layout.tracking_uri)
+    mlflow.set_registry_uri(layout.tracking_uri)
+    table = DeltaTable(str(layout.table(_config().target.schema_, "images")))
+    return table.to_pandas(columns=["id", "path"]).sort_values("id")["path"].tolist()
+
+
 def child_loop(root: Path, threads: int = 0) -> dict:
     """One process: the pyfunc's predict per image, in the images table's order (torch's default
     threads, or ``threads``)."""
     import base64
 
-    import mlflow
     import pandas as pd
     import torch
-    from deltalake import DeltaTable
 
     if threads:
         torch.set_num_threads(threads)
 
     from lakevision.packaging.pyfunc import IMAGE_COLUMN, load_pyfunc
-    from lakevision.runtime import LocalLayout
 
-    config = _config()
-    layout = LocalLayout(root)
-    mlflow.set_tracking_uri(layout.tracking_uri)
-    mlflow.set_registry_uri(layout.tracking_uri)
-    paths = DeltaTable(str(layout.table(config.target.schema_, "images"))).to_pandas(columns=["id", "path"]) \
-        .sort_values("id")["path"].tolist()
+    paths = _image_paths(root)
     t0 = time.perf_counter()
     model, _ = load_pyfunc(f"models:/{MODEL}@champion")
     loaded = time.perf_counter() - t0
@@ -131,6 +141,30 @@ def child_loop(root: Path, threads: int = 0) -> dict:
     seconds = time.perf_counter() - t0
     return {"images": len(paths), "seconds": seconds, "model_load_s": loaded, "model_loads": 1, "boxes": boxes,
             "torch_threads": torch.get_num_threads(), "peak_rss_mib": _peak_rss_mib()}
+
+
+def child_ops(root: Path, threads: int, images: int = 20, top: int = 8) -> dict:
+    """Operator self times (ms per image) of the model's forward pass on ``threads`` torch threads,
+    from torch's profiler, after one warm-up image."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lakevision.packaging.pyfunc import decode_file, load_image_model, raw_outputs
+
+    torch.set_num_threads(threads)
+    paths = _image_paths(root)[:images + 1]
+    image_model = load_image_model(f"models:/{MODEL}@champion")
+    arrays = [decode_file(Path(p).read_bytes(), image_model.spec).array for p in paths]
+    raw_outputs(image_model.model, arrays[:1], image_model.spec)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        raw_outputs(image_model.model, arrays[1:], image_model.spec)
+    seconds = time.perf_counter() - t0
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    n = len(arrays) - 1
+    return {"images": n, "seconds": seconds, "torch_threads": threads, "ms_per_image": 1000 * seconds / n,
+            "self_ms_per_image": {e.key: round(e.self_cpu_time_total / 1000 / n, 2) for e in ops},
+            "model_loads": 1, "peak_rss_mib": _peak_rss_mib()}
 
 
 def child_spark(root: Path, partitions: int, threads: int = 0) -> dict:
@@ -181,6 +215,8 @@ def main() -> None:
         mode = args.child.split("-")
         if mode[0] == "loop":  # loop, loop-tN
             out = child_loop(root, int(mode[1][1:]) if len(mode) > 1 else 0)
+        elif mode[0] == "ops":  # ops-tN
+            out = child_ops(root, int(mode[1][1:]))
         else:
             out = child_spark(root, int(mode[1]), int(mode[2][1:]) if len(mode) > 2 else 0)
         print(json.dumps(out))
@@ -192,6 +228,18 @@ def main() -> None:
         results[mode] = r = _run_child(mode, root)
         r["images_per_s"] = r["images"] / r["seconds"]
         print(f"{mode:8} {json.dumps(r)}", flush=True)
+    profiled = {m: results.pop(m) for m in [*results] if m.startswith("ops")}
+    if profiled:
+        names = list(dict.fromkeys(k for r in profiled.values() for k in r["self_ms_per_image"]))
+        print("\nforward pass, self ms per image by operator:\n| operator | " + " | ".join(profiled) + " |\n"
+              "|---|" + "---:|" * len(profiled))
+        for name in names:
+            print(f"| {name} | " + " | ".join(f"{r['self_ms_per_image'].get(name, 0):.1f}" for r in profiled.values())
+                  + " |")
+        print("| whole forward pass (under the profiler) | "
+              + " | ".join(f"{r['ms_per_image']:.1f}" for r in profiled.values()) + " |")
+    if not results:
+        return
     base = results.get("loop") or next((r for m, r in results.items() if m.startswith("loop")), None)
     print("\n| mode | images | seconds | images/s | vs loop | model loads | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|")
     for mode, r in results.items():
