@@ -76,6 +76,28 @@ def test_torch_threads_per_task_never_oversubscribe_a_core(monkeypatch):
     assert batch.concurrent_tasks(3) == 3 and batch.concurrent_tasks(20) == 8
 
 
+
+def test_a_gpu_task_uses_the_gpu_spark_assigned_it(monkeypatch):
+    """On a GPU cluster (spark.task.resource.gpu.amount 1) each task runs on its own GPU address, with
+    the machine's cores shared by its GPUs' tasks; without use_gpu, or with no CUDA, it stays on the CPU
+    with the cores spark.task.cpus reserved."""
+    import torch
+
+    from lakevision.packaging import batch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(batch, "_task_context_resources", lambda: (["2"], 3))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert batch.TaskResources(use_gpu=True).apply() == "cuda:2" and torch.get_num_threads() == 2
+        assert batch.TaskResources(use_gpu=False).apply() == "cpu" and torch.get_num_threads() == 3
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert batch.TaskResources(use_gpu=True).apply() == "cpu" and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
 # ------------------------------------------------------------------ scoring on Sail
 def _local_names_config():
     cfg = load_config(CONFIG_DIR, "local")
