@@ -110,10 +110,15 @@ def test_two_workers_learn_detection_and_survive_a_killed_worker(ingested, child
     by_epoch = {m.step: m.value for m in logged}
     val_loss = [by_epoch[e] for e in range(3)]
     assert result["metrics"]["val_loss"] == pytest.approx(val_loss[-1])
-    # across the restart the model keeps learning: the last epoch ends below the first. (A 15%
-    # drop held in some runs and not others: 0.358 -> 0.247, but 0.375 -> 0.341 and 0.444 -> 0.402
-    # when the kill landed late in an epoch that then ran again from epoch 0's checkpoint.)
-    assert val_loss[-1] < val_loss[0], f"validation loss did not fall: {val_loss}"
+    # across the restart the model keeps learning: the last epoch's mean training loss is under half
+    # the first's (2.04 -> 0.45 and 1.89 -> 0.34 in two runs). The validation loss of ~6 images
+    # after 6 steps an epoch (48 images, 2 workers x 4) is no such signal: it fell in some runs and
+    # not others (0.547, 0.331, 0.372; 4.06, 0.249, 0.267; 0.349, 0.388, 0.358), so only its
+    # bookkeeping is checked above.
+    train_loss = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"),
+                                                  key=lambda m: (m.step, m.timestamp))}
+    assert sorted(train_loss) == [0, 1, 2], train_loss
+    assert train_loss[2] < 0.5 * train_loss[0], f"training loss did not fall by half: {train_loss}"
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["samples@v0:train", "samples@v0:val"]
 
     mlflow.set_tracking_uri(f"sqlite:///{ingested / 'mlflow.db'}")
