@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from lakevision.processes import start_ticks
-from lakevision.training.ray_cluster import cluster_processes, kill_leftover_agents
+from lakevision.training.ray_cluster import cluster_processes, kill_leftover_agents, remove_cluster
 
 from . import processes
 
@@ -82,3 +82,55 @@ def test_a_reused_pid_is_not_taken_for_an_agent():
         ticks = start_ticks(proc.pid)
         assert kill_leftover_agents({proc.pid: ticks - 1}) == set() and processes.alive(proc.pid)
         assert kill_leftover_agents({proc.pid: ticks}) == {proc.pid}
+
+
+# a node still shutting down: it names the folder, and writes its last log there after `delay` s
+LATE_WRITER = """
+import os, sys, time
+time.sleep(float(sys.argv[2]))
+logs = os.path.join(sys.argv[1].split("=", 1)[1], "session_latest", "logs")
+os.makedirs(logs, exist_ok=True)
+open(os.path.join(logs, "raylet.out"), "w").write("shutting down")
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def _late_writer(folder: Path, delay: float, linger: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", LATE_WRITER, f"--temp-dir={folder}", str(delay), str(linger)],
+                            start_new_session=True)
+    deadline = time.monotonic() + 10
+    while str(folder) not in processes.command_line(proc.pid):
+        assert time.monotonic() < deadline, "the stand-in node did not start"
+        time.sleep(0.02)
+    return proc
+
+
+def test_the_cluster_folder_is_removed_after_its_last_process_wrote_into_it(child_tmp):
+    """A node that writes into the cluster's folder a second after the shutdown (CI once found
+    ray-<port>-<id> back after it was removed): the folder goes once the node has ended."""
+    folder = child_tmp / "ray-9890-1c984d43"
+    (folder / "session_latest" / "logs").mkdir(parents=True)
+    proc = _late_writer(folder, delay=1.0, linger=0.0)
+    try:
+        assert remove_cluster(str(folder), cluster_processes(str(folder)), grace_s=20) == set()
+        proc.wait(timeout=10)
+        assert not folder.exists() and not Path(f"{folder}.lock").exists()
+    finally:
+        processes.kill_group(proc.pid, grace_s=0)
+        proc.wait()
+
+
+def test_a_process_that_outlives_the_grace_is_killed_before_the_folder_goes(child_tmp):
+    folder = child_tmp / "ray-9891-2d095e54"
+    folder.mkdir()
+    Path(f"{folder}.lock").write_text("")
+    proc = _late_writer(folder, delay=3.0, linger=120.0)  # would write after the grace, then stay
+    try:
+        started = time.monotonic()
+        assert remove_cluster(str(folder), cluster_processes(str(folder)), grace_s=1.0) == {proc.pid}
+        assert time.monotonic() - started < 2.5
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert not folder.exists() and not Path(f"{folder}.lock").exists()
+    finally:
+        processes.kill_group(proc.pid, grace_s=0)
+        proc.wait()

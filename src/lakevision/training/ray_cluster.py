@@ -100,6 +100,32 @@ def kill_leftover_agents(processes: dict[int, int | None]) -> set[int]:
     return left
 
 
+def remove_cluster(cluster_dir: str, processes: dict[int, int | None], grace_s: float = 10.0) -> set[int]:
+    """After a Ray-on-Spark shutdown: the cluster's temp folder removed once none of its processes
+    (``processes`` from :func:`cluster_processes` before the shutdown, and any naming the folder now)
+    can write into it again. Agents ignore SIGTERM and are killed at once; the others get ``grace_s``
+    to finish their own shutdown (a node's launcher removes the folder 1.5 s after SIGTERM, while its
+    node may still be writing logs there) and are killed after it. Returns the pids killed."""
+    killed = kill_leftover_agents({**cluster_processes(cluster_dir), **processes})
+    deadline = time.monotonic() + grace_s
+    while True:
+        mine = {**cluster_processes(cluster_dir), **processes}
+        left = {pid for pid, ticks in mine.items() if pid not in killed and alive(pid) and start_ticks(pid) == ticks}
+        if not left:
+            break
+        if time.monotonic() >= deadline:
+            log.warning("Ray-on-Spark processes %s outlived the cluster's shutdown by %.0f s; killing them",
+                        sorted(left), grace_s)
+            _kill(left)
+            killed |= left
+            break
+        time.sleep(0.1)
+    shutil.rmtree(cluster_dir, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):  # start_ray_node.py's lock beside the folder
+        os.remove(cluster_dir + ".lock")
+    return killed
+
+
 def classic_spark_session():
     """The active classic (JVM) SparkSession, or None (no session, or a Spark Connect one)."""
     try:
@@ -255,10 +281,7 @@ def _ray_on_spark(settings: DistributedSettings, spark, log_to_driver: bool) -> 
             shutdown_ray_cluster()
     finally:
         if cluster_dir is not None:
-            # agents this cluster started and shutdown left behind; no other cluster's
-            kill_leftover_agents({**cluster_processes(cluster_dir), **started})
-            shutil.rmtree(cluster_dir, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):  # start_ray_node.py's lock beside the folder
-                os.remove(cluster_dir + ".lock")
+            # only this cluster's processes, and its folder once they can no longer write into it
+            remove_cluster(cluster_dir, started)
         if started_spark is not None:
             started_spark.stop()
